@@ -1,0 +1,765 @@
+"""Typed run configuration for megavl.
+
+Configs are plain dataclasses built from YAML plus ``key.path=value``
+overrides. Everything is checked here, before any process group exists, so a
+bad setting fails in seconds on one process with a message that names the
+field, instead of as a shape error deep inside a parallel run.
+"""
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded or would not run."""
+
+
+# ---------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------
+
+ROPE_KINDS = ("1d", "mrope")
+IMAGE_ATTENTION_KINDS = ("bidirectional", "causal")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class VisionConfig:
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 128
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    # Pixels per window side; a window holds window_size // patch_size
+    # patches per side.
+    window_size: int = 112
+    # 0-based layers that attend over the whole image; the rest use windows.
+    full_attention_layers: list[int] = field(default_factory=lambda: [3])
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class AdapterConfig:
+    # None means vision.hidden_size * spatial_merge_size**2, i.e. the width
+    # of the merged patch vector the adapter consumes.
+    ffn_hidden_size: Optional[int] = None
+
+
+@dataclass
+class LMConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 344
+    vocab_size: int = 2048
+    qkv_bias: bool = True
+    qk_layernorm: bool = False
+    rope: str = "mrope"
+    # Rotary frequency pairs given to the temporal, height and width axes.
+    mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
+    rope_theta: float = 1000000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    image_attention: str = "bidirectional"
+    image_token_id: int = 3
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    # LM layers on the first pipeline stage. That stage also runs the vision
+    # encoder, so giving it fewer LM layers balances the stages. None splits
+    # the LM evenly.
+    first_stage_lm_layers: Optional[int] = None
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    val_path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    num_workers: int = 0
+    min_pixels: int = 3136
+    max_pixels: int = 200704
+    conversation_mask_prob: float = 0.5
+    grounding_conversation_mask_prob: float = 0.7
+    max_images_per_pack: int = 8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 4
+    seq_length: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    dtype: str = "fp32"
+    dropout: float = 0.0
+    eval_interval: int = 50
+    eval_steps: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    # 0 saves only at the end of training.
+    interval: int = 0
+    load: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    interval: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------
+# Type-checked construction from plain data
+# ---------------------------------------------------------------------------
+
+
+def _report(problems: Sequence[str], what: str) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(f"{what}: {problems[0]}")
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return ConfigError(f"{what} ({len(problems)} problems):\n{lines}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _section_name(prefix: str) -> str:
+    return prefix if prefix else "the top level"
+
+
+def _optional_inner(tp: Any) -> Optional[Any]:
+    """The X of Optional[X], or None when tp is not optional."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _describe(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_describe(inner)} or null"
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        return f"a list of {_describe(elem)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return tp.__name__
+
+
+class _TypeMismatch(Exception):
+    pass
+
+
+def _convert_scalar(value: Any, tp: type) -> Any:
+    # bool is a subclass of int, but `true` for a layer count is a typo,
+    # never intent, so it is refused for numeric fields.
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config field type {tp!r}")
+    raise _TypeMismatch
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    target = tp
+    inner = _optional_inner(tp)
+    if inner is not None:
+        if value is None:
+            return None
+        target = inner
+    try:
+        if typing.get_origin(target) is list:
+            if not isinstance(value, (list, tuple)):
+                raise _TypeMismatch
+            (elem,) = typing.get_args(target)
+            return [_convert_scalar(v, elem) for v in value]
+        return _convert_scalar(value, target)
+    except _TypeMismatch:
+        problems.append(f"{path} = {value!r}: expected {_describe(tp)}")
+        return None
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, recording problems instead of
+    stopping at the first so one run of the loader reports them all."""
+    if data is None:
+        # An empty YAML section (`train:` with nothing under it).
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(
+            f"{_section_name(prefix)} = {data!r}: expected a mapping of "
+            f"{', '.join(_field_types(cls))}"
+        )
+        return cls()
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = _join(prefix, str(key))
+        if key not in types:
+            problems.append(
+                f"unknown key {path!r} (value {value!r}); valid keys in "
+                f"{_section_name(prefix)}: {', '.join(types)}"
+            )
+            continue
+        converted = _convert(value, types[key], path, problems)
+        if converted is not None or value is None:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Optional[dict]) -> Config:
+    """Build a Config from nested plain data (as read from YAML)."""
+    problems: list[str] = []
+    config = _build(Config, d, "", problems)
+    if problems:
+        raise _report(problems, "invalid configuration")
+    return config
+
+
+def config_to_dict(c: Config) -> dict:
+    """Nested plain data that yaml.safe_dump accepts and config_from_dict
+    turns back into an equal Config."""
+    return dataclasses.asdict(c)
+
+
+def dump_config(c: Config) -> str:
+    return yaml.safe_dump(config_to_dict(c), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------
+# Loading and overrides
+# ---------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: key {key!r} has an empty component")
+    try:
+        # YAML parsing lets `4`, `true`, `[1, 2]` and `null` mean what they
+        # would in the config file.
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML: {e}") from e
+    return parts, value
+
+
+def _apply_override(data: dict, text: str) -> None:
+    parts, value = _parse_override(text)
+    cls: Any = Config
+    node = data
+    prefix = ""
+    for i, part in enumerate(parts):
+        types = _field_types(cls)
+        path = _join(prefix, part)
+        if part not in types:
+            raise ConfigError(
+                f"override {text!r}: unknown key {path!r}; valid keys in "
+                f"{_section_name(prefix)}: {', '.join(types)}"
+            )
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        cls = types[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(
+                f"override {text!r}: {path} is a field of type {_describe(cls)}, "
+                f"not a section, so it has no key {parts[i + 1]!r}"
+            )
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override {text!r}: {path} = {child!r} in the config file is "
+                "not a mapping"
+            )
+        node = child
+        prefix = path
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e}") from e
+    except yaml.YAMLError as e:
+        # Includes tags such as !!python/object, which safe_load refuses.
+        raise ConfigError(f"config file {path!r} is not valid safe YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path!r}: top level is {type(data).__name__}, expected "
+            f"a mapping with keys {', '.join(_field_types(Config))}"
+        )
+    return data
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (None or an empty file gives the defaults), apply
+    `key.path=value` overrides in order and build a typed Config.
+
+    The result is type-checked but not cross-checked; call validate() once
+    the world size is known.
+    """
+    data = _read_yaml(path) if path is not None else {}
+    if isinstance(overrides, str):
+        # A lone string would otherwise be applied one character at a time.
+        overrides = [overrides]
+    for text in overrides:
+        _apply_override(data, text)
+    return config_from_dict(data)
+
+
+# ---------------------------------------------------------------------------
+# Cross-field validation
+# ---------------------------------------------------------------------------
+
+
+def _model_parallel_size(config: Config) -> int:
+    p = config.parallel
+    return p.tensor * p.pipeline * p.context
+
+
+def data_parallel_size(config: Config, world_size: int) -> int:
+    """Number of data-parallel replicas for this config at world_size."""
+    mp = _model_parallel_size(config)
+    if mp < 1 or world_size < 1 or world_size % mp:
+        raise ConfigError(
+            f"world size {world_size} is not a positive multiple of "
+            f"parallel.tensor * parallel.pipeline * parallel.context = {mp}"
+        )
+    return world_size // mp
+
+
+def lm_layers_per_stage(config: Config) -> list[int]:
+    """LM layer count on each pipeline stage, first stage first."""
+    n = config.model.lm.num_layers
+    pp = config.parallel.pipeline
+    first = config.parallel.first_stage_lm_layers
+    if pp < 1 or pp > n:
+        raise ConfigError(
+            f"parallel.pipeline = {pp}: must be between 1 and model.lm.num_layers ({n})"
+        )
+    if pp == 1:
+        return [n]
+    if first is None:
+        if n % pp:
+            raise ConfigError(
+                f"model.lm.num_layers = {n} is not divisible by parallel.pipeline = {pp}; "
+                "set parallel.first_stage_lm_layers for an uneven split"
+            )
+        return [n // pp] * pp
+    rest = n - first
+    if first < 1 or rest < pp - 1 or rest % (pp - 1):
+        raise ConfigError(
+            f"parallel.first_stage_lm_layers = {first}: the other {pp - 1} stages "
+            f"must share the remaining {rest} of {n} LM layers evenly, with at least one each"
+        )
+    return [first] + [rest // (pp - 1)] * (pp - 1)
+
+
+class _Checks:
+    """Collects every failed check so the user can fix them in one pass."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def require(self, ok: bool, message: str) -> bool:
+        if not ok:
+            self.problems.append(message)
+        return ok
+
+    def at_least(self, name: str, value: Any, low: Union[int, float]) -> bool:
+        return self.require(value >= low, f"{name} = {value!r}: must be >= {low}")
+
+    def positive(self, name: str, value: Any) -> bool:
+        return self.require(value > 0, f"{name} = {value!r}: must be > 0")
+
+    def one_of(self, name: str, value: Any, allowed: Sequence[str]) -> bool:
+        return self.require(
+            value in allowed, f"{name} = {value!r}: must be one of {', '.join(allowed)}"
+        )
+
+    def probability(self, name: str, value: float) -> bool:
+        return self.require(0.0 <= value <= 1.0, f"{name} = {value!r}: must be in [0, 1]")
+
+    def divisible(self, name: str, value: int, by_name: str, by: int) -> bool:
+        # A non-positive divisor has its own message elsewhere.
+        if by < 1:
+            return False
+        return self.require(
+            value % by == 0,
+            f"{name} = {value}: must be divisible by {by_name} ({by})",
+        )
+
+
+def _head_dim_checks(c: _Checks, section: str, hidden: int, heads: int, tp: int) -> Optional[int]:
+    """Checks shared by both transformers; returns head_dim when it is sound."""
+    ok = c.at_least(f"{section}.hidden_size", hidden, 1)
+    ok = c.at_least(f"{section}.num_attention_heads", heads, 1) and ok
+    if not ok:
+        return None
+    c.divisible(f"{section}.num_attention_heads", heads, "parallel.tensor", tp)
+    if not c.divisible(f"{section}.hidden_size", hidden, f"{section}.num_attention_heads", heads):
+        return None
+    head_dim = hidden // heads
+    # Rotary embeddings rotate pairs of channels.
+    if not c.require(
+        head_dim % 2 == 0,
+        f"{section}.hidden_size / {section}.num_attention_heads = {hidden}/{heads} "
+        f"= head dim {head_dim}: must be even for rotary embeddings",
+    ):
+        return None
+    return head_dim
+
+
+def _check_vision(c: _Checks, config: Config) -> None:
+    v = config.model.vision
+    tp = config.parallel.tensor
+    s = "model.vision"
+    c.at_least(f"{s}.num_layers", v.num_layers, 1)
+    _head_dim_checks(c, s, v.hidden_size, v.num_attention_heads, tp)
+    if c.at_least(f"{s}.ffn_hidden_size", v.ffn_hidden_size, 1):
+        c.divisible(f"{s}.ffn_hidden_size", v.ffn_hidden_size, "parallel.tensor", tp)
+    patch_ok = c.at_least(f"{s}.patch_size", v.patch_size, 1)
+    c.at_least(f"{s}.temporal_patch_size", v.temporal_patch_size, 1)
+    c.at_least(f"{s}.in_channels", v.in_channels, 1)
+    merge_ok = c.at_least(f"{s}.spatial_merge_size", v.spatial_merge_size, 1)
+    if patch_ok and merge_ok:
+        # Windows must hold whole merged tokens, or merging would straddle
+        # window boundaries.
+        unit = v.patch_size * v.spatial_merge_size
+        c.require(
+            v.window_size > 0 and v.window_size % unit == 0,
+            f"{s}.window_size = {v.window_size}: must be a positive multiple of "
+            f"{s}.patch_size * {s}.spatial_merge_size = {unit}",
+        )
+    bad = [i for i in v.full_attention_layers if not 0 <= i < v.num_layers]
+    c.require(
+        not bad,
+        f"{s}.full_attention_layers = {v.full_attention_layers}: indices {bad} are "
+        f"outside [0, {v.num_layers}) (0-based, {s}.num_layers = {v.num_layers})",
+    )
+    c.positive(f"{s}.norm_eps", v.norm_eps)
+    c.positive(f"{s}.rope_theta", v.rope_theta)
+
+
+def _check_adapter(c: _Checks, config: Config) -> None:
+    a = config.model.adapter
+    if a.ffn_hidden_size is None:
+        return
+    name = "model.adapter.ffn_hidden_size"
+    if c.at_least(name, a.ffn_hidden_size, 1):
+        c.divisible(name, a.ffn_hidden_size, "parallel.tensor", config.parallel.tensor)
+
+
+def _check_lm(c: _Checks, config: Config) -> None:
+    m = config.model.lm
+    tp = config.parallel.tensor
+    s = "model.lm"
+    c.at_least(f"{s}.num_layers", m.num_layers, 1)
+    head_dim = _head_dim_checks(c, s, m.hidden_size, m.num_attention_heads, tp)
+    if c.at_least(f"{s}.num_query_groups", m.num_query_groups, 1):
+        c.divisible(f"{s}.num_query_groups", m.num_query_groups, "parallel.tensor", tp)
+        if m.num_attention_heads >= 1:
+            c.divisible(
+                f"{s}.num_attention_heads", m.num_attention_heads,
+                f"{s}.num_query_groups", m.num_query_groups,
+            )
+    if c.at_least(f"{s}.ffn_hidden_size", m.ffn_hidden_size, 1):
+        c.divisible(f"{s}.ffn_hidden_size", m.ffn_hidden_size, "parallel.tensor", tp)
+    vocab_ok = c.at_least(f"{s}.vocab_size", m.vocab_size, 1)
+    if c.one_of(f"{s}.rope", m.rope, ROPE_KINDS) and m.rope == "mrope":
+        c.require(
+            len(m.mrope_section) == 3 and all(x >= 0 for x in m.mrope_section),
+            f"{s}.mrope_section = {m.mrope_section}: must be 3 non-negative "
+            "entries (temporal, height, width)",
+        )
+        if head_dim is not None:
+            c.require(
+                sum(m.mrope_section) == head_dim // 2,
+                f"{s}.mrope_section = {m.mrope_section}: sums to {sum(m.mrope_section)}, "
+                f"must sum to head_dim // 2 = {head_dim // 2} "
+                f"({s}.hidden_size {m.hidden_size} / num_attention_heads "
+                f"{m.num_attention_heads} = {head_dim})",
+            )
+    c.positive(f"{s}.rope_theta", m.rope_theta)
+    c.positive(f"{s}.norm_eps", m.norm_eps)
+    c.at_least(f"{s}.max_position_embeddings", m.max_position_embeddings, 1)
+    c.one_of(f"{s}.image_attention", m.image_attention, IMAGE_ATTENTION_KINDS)
+    if vocab_ok:
+        c.require(
+            0 <= m.image_token_id < m.vocab_size,
+            f"{s}.image_token_id = {m.image_token_id}: must be in "
+            f"[0, {s}.vocab_size = {m.vocab_size})",
+        )
+
+
+def _check_pipeline_split(c: _Checks, config: Config) -> None:
+    p = config.parallel
+    n = config.model.lm.num_layers
+    pp = p.pipeline
+    first = p.first_stage_lm_layers
+    if pp < 1 or n < 1:
+        return
+    if not c.require(
+        pp <= n,
+        f"parallel.pipeline = {pp}: must be <= model.lm.num_layers ({n}) so "
+        "every stage holds at least one LM layer",
+    ):
+        return
+    if pp == 1:
+        c.require(
+            first is None or first == n,
+            f"parallel.first_stage_lm_layers = {first}: only meaningful with "
+            f"parallel.pipeline > 1; use null (or {n}) with a single stage",
+        )
+        return
+    if first is None:
+        c.require(
+            n % pp == 0,
+            f"model.lm.num_layers = {n}: must be divisible by parallel.pipeline "
+            f"({pp}) for an even split, or set parallel.first_stage_lm_layers",
+        )
+        return
+    rest_stages = pp - 1
+    upper = n - rest_stages
+    if not c.require(
+        1 <= first <= upper,
+        f"parallel.first_stage_lm_layers = {first}: must be between 1 and "
+        f"model.lm.num_layers - (parallel.pipeline - 1) = {upper}",
+    ):
+        return
+    c.require(
+        (n - first) % rest_stages == 0,
+        f"parallel.first_stage_lm_layers = {first}: the remaining {n - first} LM "
+        f"layers must be divisible by the other {rest_stages} pipeline stages; "
+        f"valid values: {[f for f in range(1, upper + 1) if (n - f) % rest_stages == 0]}",
+    )
+
+
+def _check_parallel(c: _Checks, config: Config, world_size: int) -> Optional[int]:
+    """Returns the data-parallel size when it is well defined."""
+    p = config.parallel
+    sizes_ok = True
+    for name in ("tensor", "pipeline", "expert", "context"):
+        sizes_ok = c.at_least(f"parallel.{name}", getattr(p, name), 1) and sizes_ok
+    c.require(
+        p.expert <= 1,
+        f"parallel.expert = {p.expert}: expert parallelism needs a mixture-of-experts "
+        "LM, and model.lm has no experts; use 1",
+    )
+    c.require(
+        p.context == 1,
+        f"parallel.context = {p.context}: context parallelism is not supported "
+        "by this model yet; use 1",
+    )
+    _check_pipeline_split(c, config)
+    if p.sequence_parallel:
+        c.require(
+            p.tensor > 1,
+            f"parallel.sequence_parallel = True: requires parallel.tensor > 1 "
+            f"(got {p.tensor})",
+        )
+        if p.tensor >= 1:
+            c.divisible("train.seq_length", config.train.seq_length, "parallel.tensor", p.tensor)
+    if not c.at_least("world size", world_size, 1) or not sizes_ok:
+        return None
+    mp = _model_parallel_size(config)
+    if not c.require(
+        world_size % mp == 0,
+        f"world size {world_size}: must be divisible by parallel.tensor * "
+        f"parallel.pipeline * parallel.context = {p.tensor}*{p.pipeline}*{p.context} = {mp}",
+    ):
+        return None
+    return world_size // mp
+
+
+def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
+    t = config.train
+    c.positive("train.steps", t.steps)
+    c.at_least("train.seed", t.seed, 0)
+    mbs_ok = c.at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    gbs_ok = c.at_least("train.global_batch_size", t.global_batch_size, 1)
+    if mbs_ok and gbs_ok and dp is not None:
+        c.require(
+            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+            f"train.global_batch_size = {t.global_batch_size}: must be divisible by "
+            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size}*{dp} "
+            f"= {t.micro_batch_size * dp}",
+        )
+    if c.positive("train.seq_length", t.seq_length):
+        c.require(
+            t.seq_length <= config.model.lm.max_position_embeddings,
+            f"train.seq_length = {t.seq_length}: must be <= "
+            f"model.lm.max_position_embeddings ({config.model.lm.max_position_embeddings})",
+        )
+    if c.at_least("train.min_lr", t.min_lr, 0):
+        c.require(
+            t.lr >= t.min_lr,
+            f"train.lr = {t.lr}: must be >= train.min_lr ({t.min_lr})",
+        )
+    if c.at_least("train.warmup_steps", t.warmup_steps, 0):
+        c.require(
+            t.warmup_steps <= t.steps,
+            f"train.warmup_steps = {t.warmup_steps}: must be <= train.steps ({t.steps})",
+        )
+    c.at_least("train.weight_decay", t.weight_decay, 0)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(t, name)
+        c.require(0.0 <= value < 1.0, f"train.{name} = {value}: must be in [0, 1)")
+    c.positive("train.adam_eps", t.adam_eps)
+    c.at_least("train.clip_grad", t.clip_grad, 0)
+    c.one_of("train.dtype", t.dtype, DTYPES)
+    c.require(0.0 <= t.dropout < 1.0, f"train.dropout = {t.dropout}: must be in [0, 1)")
+    c.at_least("train.eval_interval", t.eval_interval, 1)
+    c.at_least("train.eval_steps", t.eval_steps, 1)
+
+
+def _check_data(c: _Checks, config: Config) -> None:
+    d = config.data
+    v = config.model.vision
+    c.at_least("data.num_workers", d.num_workers, 0)
+    if c.at_least("data.min_pixels", d.min_pixels, 1):
+        c.require(
+            d.min_pixels <= d.max_pixels,
+            f"data.min_pixels = {d.min_pixels}: must be <= data.max_pixels ({d.max_pixels})",
+        )
+    # An image must fit at least one merged token.
+    unit = v.patch_size * v.spatial_merge_size
+    c.require(
+        d.max_pixels >= unit * unit,
+        f"data.max_pixels = {d.max_pixels}: must be >= ({v.patch_size}*"
+        f"{v.spatial_merge_size})**2 = {unit * unit}, one merged vision token",
+    )
+    c.probability("data.conversation_mask_prob", d.conversation_mask_prob)
+    c.probability("data.grounding_conversation_mask_prob", d.grounding_conversation_mask_prob)
+    c.at_least("data.max_images_per_pack", d.max_images_per_pack, 1)
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Check that config can run on world_size processes.
+
+    Raises ConfigError listing every problem, each naming the field, its
+    value and what would be valid.
+    """
+    c = _Checks()
+    _check_vision(c, config)
+    _check_adapter(c, config)
+    _check_lm(c, config)
+    dp = _check_parallel(c, config, world_size)
+    _check_train(c, config, dp)
+    _check_data(c, config)
+    c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
+    c.at_least("logging.interval", config.logging.interval, 1)
+    if c.problems:
+        raise _report(c.problems, f"invalid configuration for world size {world_size}")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --config FILE and --set KEY=VALUE ... to parser."""
+    parser.add_argument("--config", metavar="FILE", default=None, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        nargs="*",
+        action="extend",
+        default=None,
+        help="override a config field, e.g. --set train.lr=3e-4 parallel.tensor=2; "
+        "values are parsed as YAML; may be repeated",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the Config named by add_config_args' options."""
+    path = getattr(args, "config", None)
+    if path is not None:
+        path = os.fspath(path)
+    return load_config(path, getattr(args, "overrides", None) or ())

@@ -1,0 +1,1 @@
+"""Data: samples, images to patches, packed rows and batches."""

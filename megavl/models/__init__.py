@@ -1,0 +1,1 @@
+"""Models: vision encoder, adapter, layer specs and the assembled VLM."""

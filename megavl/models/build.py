@@ -1,0 +1,48 @@
+"""Builds this rank's model chunk for the current pipeline stage and wraps it in megatron DDP."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+
+from megavl.config import Config
+from megavl.models.vlm import VisionLanguageModel
+from megavl.platform.features import detect
+
+
+def build_model(config: Config) -> VisionLanguageModel:
+    """The unwrapped model for this rank's pipeline stage."""
+    return VisionLanguageModel(
+        config,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
+
+
+def wrap_for_training(config: Config, model: VisionLanguageModel) -> list[DistributedDataParallel]:
+    """megatron DDP (contiguous gradient buffers, fp32 reduction) and the hooks its schedules use."""
+    if detect().cuda:
+        model.cuda()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=config.parallel.distributed_optimizer,
+    )
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return [ddp]
+
+
+def parameter_counts(model: VisionLanguageModel) -> dict[str, int]:
+    """Parameters held by this rank, per component (shards count at their local size)."""
+    counts = {}
+    for name in ("vision", "adapter", "language_model"):
+        module = getattr(model, name, None)
+        if module is not None:
+            counts[name] = sum(p.numel() for p in module.parameters())
+    return counts

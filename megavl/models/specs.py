@@ -1,0 +1,125 @@
+"""ModuleSpecs for megavl's transformer layers: local (CPU) or Transformer Engine (GPU).
+
+Both the vision encoder and the language model are megatron-core
+``TransformerLayer``s; only the spec decides which linear, norm and attention
+implementations they are built from. Checkpoint keys are the same for both
+(the local spec maps its separate norms onto TE's fused names), so a checkpoint
+trained on GPUs loads on a laptop and back.
+"""
+
+from __future__ import annotations
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megavl.attention.core_attention import core_attention_class
+from megavl.models.norm import RMSNorm
+
+# The local spec's norms are stored under Transformer Engine's fused-norm names.
+_LOCAL_TO_TE_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def local_layer_spec(attention_backend: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """A transformer layer from megatron-core's own modules (runs anywhere)."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.arbitrary},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention_class(attention_backend),
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=RMSNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=RMSNorm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(_LOCAL_TO_TE_KEYS),
+        ),
+    )
+
+
+def te_layer_spec(attention_backend: str, qk_layernorm: bool = False) -> ModuleSpec:
+    """A transformer layer with Transformer Engine's fused norm+linear kernels (FP8-capable).
+
+    Attention stays megavl's (FlexAttention with a block mask): TE's fused
+    attention cannot express bidirectional image spans inside causal packed text.
+    """
+    from megatron.core.extensions.transformer_engine import (
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.arbitrary},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=core_attention_class(attention_backend),
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=TENorm if qk_layernorm else IdentityOp,
+                    k_layernorm=TENorm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def layer_spec(layer_backend: str, attention_backend: str, qk_layernorm: bool = False) -> ModuleSpec:
+    builders = {"local": local_layer_spec, "te": te_layer_spec}
+    if layer_backend not in builders:
+        raise ValueError(f"layer backend {layer_backend!r} is not one of {sorted(builders)}")
+    return builders[layer_backend](attention_backend, qk_layernorm)
+
+
+def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str, qk_layernorm: bool = False):
+    """This pipeline stage's LM layers plus the final norm, as a block spec.
+
+    Given explicitly because megatron's default final norm on the local path
+    (torch's own norm) refuses sequence parallelism.
+    """
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if layer_backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = RMSNorm
+    layer = layer_spec(layer_backend, attention_backend, qk_layernorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(transformer_config), layer_norm=final_norm
+    )

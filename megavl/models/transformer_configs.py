@@ -1,0 +1,90 @@
+"""megavl's typed config -> megatron-core TransformerConfigs for the LM and the vision encoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megavl.config import Config
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def params_dtype(config: Config) -> torch.dtype:
+    return _DTYPES[config.train.dtype]
+
+
+def _common(config: Config, fused_kernels: bool) -> dict:
+    dtype = params_dtype(config)
+    return dict(
+        tensor_model_parallel_size=config.parallel.tensor,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Initialise full weights on the CPU and slice them, so every TP layout
+        # starts from the same weights as one process does.
+        use_cpu_initialization=True,
+        init_method_std=0.02,
+        attention_dropout=0.0,
+        # Fused kernels are CUDA-only (apex/TE/jit); on CPU the plain ops run.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=fused_kernels,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        rotary_interleaved=False,
+    )
+
+
+def lm_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
+    lm, p = config.model.lm, config.parallel
+    first_stage = p.first_stage_lm_layers if p.pipeline > 1 else None
+    return TransformerConfig(
+        **_common(config, fused_kernels),
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        kv_channels=lm.hidden_size // lm.num_attention_heads,
+        layernorm_epsilon=lm.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=lm.qkv_bias,
+        qk_layernorm=lm.qk_layernorm,
+        hidden_dropout=config.train.dropout,
+        pipeline_model_parallel_size=p.pipeline,
+        num_layers_in_first_pipeline_stage=first_stage,
+        sequence_parallel=p.sequence_parallel,
+        expert_model_parallel_size=p.expert,
+        context_parallel_size=p.context,
+        mrope_section=list(lm.mrope_section) if lm.rope == "mrope" else None,
+        # The loss is a sum over answer tokens; megatron divides the gradients by
+        # the answer-token count of the whole step (all microbatches, all DP ranks).
+        calculate_per_token_loss=True,
+    )
+
+
+def vision_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
+    v = config.model.vision
+    return TransformerConfig(
+        **_common(config, fused_kernels),
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        num_query_groups=v.num_attention_heads,
+        ffn_hidden_size=v.ffn_hidden_size,
+        kv_channels=v.hidden_size // v.num_attention_heads,
+        layernorm_epsilon=v.norm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        # The encoder lives whole on the first pipeline stage and its packed patch
+        # sequence is not split across TP ranks.
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+    )

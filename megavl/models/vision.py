@@ -1,0 +1,163 @@
+"""A Qwen2.5-VL-style vision transformer built from megatron-core TransformerLayers.
+
+Images of different native resolutions are packed into one sequence of 14x14
+patches. Attention is restricted to each image (full-attention layers) or to
+windows inside each image (the other layers), expressed as segment masks rather
+than by reordering tokens, which is equivalent and keeps the patch order the
+adapter needs. Positions are 2D rotary embeddings over patch rows and columns.
+
+Patch order (as Qwen2-VL's image processor emits it): per image, per temporal
+slice, 2x2 merge blocks in row-major order, the 4 patches of a block
+consecutively. The adapter relies on this to merge 4 consecutive patches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+from megavl.attention.mask import materialize, segment_mask_mod
+from megavl.config import VisionConfig
+
+
+def patch_coordinates(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(image, t, row, col) of every patch, in the packed patch order. Returns [N, 4] long."""
+    coords = []
+    for image, (t, h, w) in enumerate(grid_thw.tolist()):
+        tt, hb, wb, hi, wi = torch.meshgrid(
+            torch.arange(t),
+            torch.arange(h // merge),
+            torch.arange(w // merge),
+            torch.arange(merge),
+            torch.arange(merge),
+            indexing="ij",
+        )
+        row = hb * merge + hi
+        col = wb * merge + wi
+        img = torch.full_like(row, image)
+        coords.append(torch.stack([img, tt, row, col], dim=-1).reshape(-1, 4))
+    if not coords:
+        return torch.zeros(0, 4, dtype=torch.long)
+    return torch.cat(coords)
+
+
+def window_segments(coords: torch.Tensor, grid_thw: torch.Tensor, window_patches: int) -> torch.Tensor:
+    """A distinct id per (image, temporal slice, window row, window column)."""
+    image, t, row, col = coords.unbind(-1)
+    win_row, win_col = row // window_patches, col // window_patches
+    # Upper bounds so ids from different images/slices cannot collide.
+    max_t = int(grid_thw[:, 0].max()) if len(grid_thw) else 1
+    max_side = int(grid_thw[:, 1:].max()) // window_patches + 1 if len(grid_thw) else 1
+    return ((image * max_t + t) * max_side + win_row) * max_side + win_col
+
+
+class PatchEmbedding(torch.nn.Module):
+    """A 3D convolution whose kernel equals its stride: one linear map per patch.
+
+    Stored as a Conv3d weight [hidden, C, T, P, P] (the layout of Qwen2.5-VL's
+    checkpoints) and applied as a matmul on flattened patches, which is the same
+    computation without the convolution overhead.
+    """
+
+    def __init__(self, config: VisionConfig, dtype: torch.dtype):
+        super().__init__()
+        v = config
+        self.proj = torch.nn.Conv3d(
+            v.in_channels,
+            v.hidden_size,
+            kernel_size=(v.temporal_patch_size, v.patch_size, v.patch_size),
+            stride=(v.temporal_patch_size, v.patch_size, v.patch_size),
+            bias=False,
+            dtype=dtype,
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight
+        return F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+
+
+class VisionRotaryEmbedding(torch.nn.Module):
+    """2D RoPE: half of each head's rotary pairs encode the row, half the column."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        dim = head_dim // 2
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Megatron's rotary layout [N, 1, 1, head_dim] (frequencies repeated for rotate-half)."""
+        freqs = torch.cat(
+            [rows.float()[:, None] * self.inv_freq, cols.float()[:, None] * self.inv_freq], dim=-1
+        )
+        return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+
+
+class VisionEncoder(MegatronModule):
+    def __init__(
+        self,
+        transformer_config: TransformerConfig,
+        vision: VisionConfig,
+        layer_spec: ModuleSpec,
+        attention_backend: str,
+    ):
+        super().__init__(config=transformer_config)
+        self.vision = vision
+        self.attention_backend = attention_backend
+        self.full_attention_layers = set(vision.full_attention_layers)
+        self.window_patches = vision.window_size // vision.patch_size
+        self.patch_embed = PatchEmbedding(vision, transformer_config.params_dtype)
+        self.rotary = VisionRotaryEmbedding(
+            vision.hidden_size // vision.num_attention_heads, vision.rope_theta
+        )
+        self.layers = torch.nn.ModuleList(
+            build_module(layer_spec, config=transformer_config, layer_number=i + 1)
+            for i in range(vision.num_layers)
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[N patches, C*T*P*P] -> [N, hidden] for all images of a microbatch packed together."""
+        coords = patch_coordinates(grid_thw.cpu(), self.vision.spatial_merge_size).to(pixel_values.device)
+        image_segments = coords[:, 0]
+        masks = {
+            "full": self._mask(image_segments),
+            "window": self._mask(window_segments(coords, grid_thw.cpu(), self.window_patches)),
+        }
+        rotary = self.rotary(coords[:, 2], coords[:, 3])
+        hidden = self.patch_embed(pixel_values)[:, None, :]  # [N, 1, hidden]: megatron's [s, b, h]
+        for index, layer in enumerate(self.layers):
+            kind = "full" if index in self.full_attention_layers else "window"
+            hidden, _ = layer(hidden, attention_mask=masks[kind], rotary_pos_emb=rotary)
+        return hidden[:, 0, :]
+
+    def _mask(self, segments: torch.Tensor):
+        return materialize(segment_mask_mod(segments[None, :]), 1, segments.numel(), self.attention_backend)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        # A plain ModuleList would be checkpointed as if replicated; give each
+        # layer its own prefix so its tensor-parallel shards are described.
+        tp_group = getattr(self, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+        state = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(module):
+                    state.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+            else:
+                state.update(
+                    sharded_state_dict_default(
+                        module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group
+                    )
+                )
+        return state
+
+
+def count_image_tokens(grid_thw: Sequence[Sequence[int]], merge: int) -> list[int]:
+    """LM tokens per image: one per merge x merge block of patches."""
+    return [t * h * w // (merge * merge) for t, h, w in grid_thw]

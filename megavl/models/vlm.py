@@ -1,0 +1,132 @@
+"""The vision-language model: vision encoder -> adapter -> megatron-core GPT decoder.
+
+Pipeline-aware: the first pipeline stage holds the vision encoder, the adapter
+and the token embeddings; every stage holds its share of LM layers; the last
+stage holds the output layer. Image embeddings replace the embeddings of the
+image-pad tokens, in order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megavl.config import Config
+from megavl.models.adapter import PatchMergerAdapter
+from megavl.models.specs import layer_spec, lm_block_spec
+from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
+from megavl.models.vision import VisionEncoder
+from megavl.platform.features import Platform, detect
+
+
+class VisionLanguageModel(MegatronModule):
+    def __init__(
+        self,
+        config: Config,
+        pre_process: bool = True,
+        post_process: bool = True,
+        platform: Optional[Platform] = None,
+    ):
+        platform = platform or detect()
+        lm_config = lm_transformer_config(config, fused_kernels=platform.cuda)
+        super().__init__(config=lm_config)
+        lm = config.model.lm
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.image_token_id = lm.image_token_id
+        self.share_embeddings_and_output_weights = lm.tie_embeddings
+        self.model_type = ModelType.encoder_or_decoder
+
+        if pre_process:
+            vision_config = vision_transformer_config(config, fused_kernels=platform.cuda)
+            vision = config.model.vision
+            self.vision = VisionEncoder(
+                vision_config,
+                vision,
+                layer_spec(platform.layer_backend, platform.attention_backend),
+                platform.attention_backend,
+            )
+            merge = vision.spatial_merge_size
+            self.adapter = PatchMergerAdapter(
+                vision_config,
+                vision_hidden=vision.hidden_size,
+                merge=merge,
+                ffn_hidden=config.model.adapter.ffn_hidden_size or vision.hidden_size * merge * merge,
+                lm_hidden=lm.hidden_size,
+            )
+
+        self.language_model = GPTModel(
+            lm_config,
+            lm_block_spec(lm_config, platform.layer_backend, platform.attention_backend, lm.qk_layernorm),
+            vocab_size=lm.vocab_size,
+            max_sequence_length=lm.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=lm.tie_embeddings,
+            position_embedding_type="mrope" if lm.rope == "mrope" else "rope",
+            rotary_base=lm.rope_theta,
+            # Image embeddings are spliced in before the sequence is split for SP.
+            scatter_embedding_sequence_parallel=False,
+        )
+
+    # -- pipeline plumbing: megatron's schedules and finalize_model_grads call these --
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask,
+        labels: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        gather_logits: bool = False,
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] when labels are given (last stage), else logits or hidden states.
+
+        labels must be valid token ids; positions without a target are masked by
+        the caller's loss mask, not here.
+        """
+        decoder_input = self._embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(
+            input_ids=tokens,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            runtime_gather_output=gather_logits or None,
+        )
+
+    def _embed(self, tokens, pixel_values, image_grid_thw) -> torch.Tensor:
+        embedding = self.language_model.embedding
+        hidden = embedding.word_embeddings(tokens)  # [b, s, h], whole on every TP rank
+        image_slots = tokens == self.image_token_id
+        has_images = image_grid_thw is not None and len(image_grid_thw) > 0
+        if has_images:
+            image_embeds = self.adapter(self.vision(pixel_values, image_grid_thw))
+            if image_embeds.shape[0] != int(image_slots.sum()):
+                raise ValueError(
+                    f"the batch has {int(image_slots.sum())} image-pad tokens (id {self.image_token_id}) "
+                    f"but its images give {image_embeds.shape[0]} embeddings "
+                    f"(grid_thw={image_grid_thw.tolist()}); each image needs t*h*w/merge^2 pad tokens"
+                )
+            hidden = hidden.masked_scatter(image_slots[..., None], image_embeds.to(hidden.dtype))
+        elif bool(image_slots.any()):
+            raise ValueError(
+                f"the batch has {int(image_slots.sum())} image-pad tokens (id {self.image_token_id}) but no images"
+            )
+        hidden = hidden.transpose(0, 1).contiguous()  # megatron's [s, b, h]
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return embedding.embedding_dropout(hidden)
+        return embedding.embedding_dropout(hidden)

@@ -1,0 +1,1 @@
+"""Training: the step, the loss, the optimizer and checkpoints."""

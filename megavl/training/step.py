@@ -1,0 +1,133 @@
+"""One optimizer step through megatron's forward-backward schedule.
+
+The loss is the sum of per-token losses over answer tokens. megatron's
+``calculate_per_token_loss`` mode then divides the gradients by the number of
+answer tokens in the whole step (all microbatches, all data-parallel ranks),
+so every answer token weighs the same however the batch is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megavl.attention.mask import materialize, vlm_mask_mod
+from megavl.config import Config
+from megavl.platform.features import detect
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per answer token over the whole step
+    answer_tokens: int
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def attention_mask_for(batch: dict, bidirectional_images: bool, backend: str):
+    mask_mod = vlm_mask_mod(
+        batch["document_ids"], batch["image_ids"], batch["turn_ids"], bidirectional_images
+    )
+    b, s = batch["tokens"].shape
+    return materialize(mask_mod, b, s, backend)
+
+
+def model_inputs(batch: dict, config: Config, device: torch.device) -> dict:
+    """Moves a collated batch to the device and shapes position ids for the configured RoPE."""
+    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    if config.model.lm.rope == "1d":
+        moved["position_ids"] = moved["position_ids"][0]
+    return moved
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.to(per_token_loss.dtype)
+    loss_sum = (per_token_loss.float() * mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.to(torch.float32)])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def make_forward_step(config: Config):
+    platform = detect()
+    bidirectional = config.model.lm.image_attention == "bidirectional"
+
+    def forward_step(data_iterator: Iterator[dict], model):
+        batch = model_inputs(next(data_iterator), config, platform.device)
+        mask = attention_mask_for(batch, bidirectional, platform.attention_backend)
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            mask,
+            labels=batch["labels"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+        )
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    return forward_step
+
+
+def reduce_step_loss(losses: list[dict]) -> tuple[float, int]:
+    """(mean answer-token loss, answer tokens) over all microbatches and DP ranks, on every rank."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:
+        total += item["lm loss"].to(torch.float64).cpu()
+    device = detect().device
+    total = total.to(device)
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    # Only the last pipeline stage computed losses; share them with the other stages.
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            total,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
+    loss_sum, tokens = total.tolist()
+    return (loss_sum / tokens if tokens else float("nan")), int(tokens)
+
+
+def num_microbatches(config: Config, data_parallel: int) -> int:
+    t = config.train
+    return t.global_batch_size // (t.micro_batch_size * data_parallel)
+
+
+def train_step(
+    config: Config,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    data_iterator: Iterator[dict],
+    microbatches: int,
+    forward_step=None,
+) -> StepResult:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step or make_forward_step(config),
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=microbatches,
+        seq_length=config.train.seq_length,
+        micro_batch_size=config.train.micro_batch_size,
+        forward_only=False,
+    )
+    updated, grad_norm, _ = optimizer.step()
+    if updated and scheduler is not None:
+        scheduler.step(increment=1)
+    loss, tokens = reduce_step_loss(losses)
+    return StepResult(
+        loss=loss,
+        answer_tokens=tokens,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        lr=optimizer.param_groups[0]["lr"],
+        skipped=not updated,
+    )

@@ -1,0 +1,32 @@
+"""megavl: Megatron-style pretraining of vision-language models, from one laptop CPU to GPU clusters."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megavl",
+    version="0.1.0",
+    description="Vision-language model pretraining on megatron-core (GPU and CPU back ends)",
+    packages=find_packages(include=["megavl", "megavl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # The CPU install path pins torch==2.13.0 first (see Makefile); GPU images bring their own.
+        "torch>=2.6",
+        # 0.16.1 is the newest release for Python 3.11; 0.17+ needs Python 3.12.
+        "megatron-core>=0.16.1,<0.20",
+        "transformers>=4.57",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tensorboard>=2.15",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        # dist_checkpointing's saver needs psutil.
+        "psutil>=5.9",
+        "einops>=0.7",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+        "gpu": ["transformer-engine[pytorch]>=2.4", "nvidia-dali-cuda120>=1.40"],
+        "dev": ["pytest>=8.0"],
+    },
+)

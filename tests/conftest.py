@@ -1,0 +1,56 @@
+"""Shared fixtures: a one-process megatron world for in-process tests, and a torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """Initialises a single-process gloo world and megatron's parallel state once per session."""
+    from megavl.config import load_config
+    from megavl.platform.distributed import init_distributed, set_seed
+
+    config = load_config(str(TINY_CONFIG))
+    init_distributed(config)
+    set_seed(config.train.seed)
+    yield config
+
+
+def run_torchrun(nproc: int, script: str, args: list[str], timeout: int = 300) -> None:
+    """Runs a worker under torchrun on the CPU and fails the test with its output if it fails."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--master-port", str(_free_port()),
+        str(WORKERS / script), *args,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+
+
+def read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
