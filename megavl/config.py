@@ -108,6 +108,10 @@ class DataConfig:
     conversation_mask_prob: float = 0.5
     grounding_conversation_mask_prob: float = 0.7
     max_images_per_pack: int = 8
+    # True: every data-parallel rank reads the global stream and takes its share of
+    # microbatches, so results do not depend on the DP size (each rank decodes all
+    # samples). False: records are split across DP ranks (each decodes only its own).
+    layout_invariant: bool = True
 
 
 @dataclass
@@ -127,6 +131,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     dtype: str = "fp32"
     dropout: float = 0.0
+    # Std of the normal initialisation (residual outputs are scaled by 1/sqrt(2 * layers)).
+    init_std: float = 0.02
     eval_interval: int = 50
     eval_steps: int = 2
 
@@ -692,6 +698,7 @@ def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
     c.at_least("train.clip_grad", t.clip_grad, 0)
     c.one_of("train.dtype", t.dtype, DTYPES)
     c.require(0.0 <= t.dropout < 1.0, f"train.dropout = {t.dropout}: must be in [0, 1)")
+    c.require(t.init_std > 0.0, f"train.init_std = {t.init_std}: must be > 0")
     c.at_least("train.eval_interval", t.eval_interval, 1)
     c.at_least("train.eval_steps", t.eval_steps, 1)
 

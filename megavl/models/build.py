@@ -10,17 +10,20 @@ from megatron.core.distributed import (
 )
 
 from megavl.config import Config
+from megavl.models.init import initialize_layout_invariant
 from megavl.models.vlm import VisionLanguageModel
 from megavl.platform.features import detect
 
 
 def build_model(config: Config) -> VisionLanguageModel:
-    """The unwrapped model for this rank's pipeline stage."""
-    return VisionLanguageModel(
+    """The unwrapped model for this rank's pipeline stage, initialised independently of the layout."""
+    model = VisionLanguageModel(
         config,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
     )
+    initialize_layout_invariant(model, config)
+    return model
 
 
 def wrap_for_training(config: Config, model: VisionLanguageModel) -> list[DistributedDataParallel]:

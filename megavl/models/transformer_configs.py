@@ -16,6 +16,7 @@ def params_dtype(config: Config) -> torch.dtype:
 
 
 def _common(config: Config, fused_kernels: bool) -> dict:
+    """fused_kernels: running on GPUs, where the fused kernels and on-device init exist."""
     dtype = params_dtype(config)
     return dict(
         tensor_model_parallel_size=config.parallel.tensor,
@@ -25,10 +26,12 @@ def _common(config: Config, fused_kernels: bool) -> dict:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Initialise full weights on the CPU and slice them, so every TP layout
-        # starts from the same weights as one process does.
-        use_cpu_initialization=True,
-        init_method_std=0.02,
+        # megatron's own init runs (it also tags tensor-parallel weights, which the
+        # gradient norm relies on); megavl.models.init then overwrites every weight
+        # with a layout-independent value.
+        use_cpu_initialization=not fused_kernels,
+        perform_initialization=True,
+        init_method_std=config.train.init_std,
         attention_dropout=0.0,
         # Fused kernels are CUDA-only (apex/TE/jit); on CPU the plain ops run.
         bias_activation_fusion=False,

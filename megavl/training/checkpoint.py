@@ -1,27 +1,230 @@
-"""Model weights in megatron's dist_checkpointing format (torch_dist).
+"""Training checkpoints in megatron's dist_checkpointing format (torch_dist).
 
-A checkpoint holds each tensor once, described by its global shape and the
-slice every rank owns, so it loads under a different tensor/pipeline layout
-than it was saved with. Scripts that save must guard their entry point with
-``if __name__ == "__main__":`` (the saver starts a helper process).
+A checkpoint directory holds ``iter_XXXXXXX/`` folders and a ``latest`` file
+naming the newest complete one. A save writes ``iter_X.partial/``, renames it
+when every rank has finished, and only then replaces ``latest`` (atomically),
+so a crash at any point leaves the previous checkpoint loadable.
+
+Each tensor is stored once with its global shape and the slice every rank
+owns, so weights (and the distributed optimizer's state, saved in its
+dp-reshardable form) load under a different layout; see load_checkpoint for
+what is restored when the layout changes.
+
+Scripts that save must guard their entry point with ``if __name__ == "__main__":``
+(the saver starts a helper process).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
+import numpy as np
+import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megavl.models.vlm import VisionLanguageModel
+from megavl.config import Config, config_to_dict
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def save_model_weights(model: VisionLanguageModel, directory: str) -> None:
+@dataclass
+class TrainState:
+    """What a resumed run needs besides weights and optimizer: where it was."""
+
+    step: int = 0
+    consumed_microbatches: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def iteration_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint under root, a checkpoint folder itself, or None."""
+    if dist_checkpointing.check_is_distributed_checkpoint(root):
+        return root
+    marker = os.path.join(root, LATEST)
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not dist_checkpointing.check_is_distributed_checkpoint(path):
+        raise FileNotFoundError(f"{marker} names {name!r}, which is not a complete checkpoint")
+    return path
+
+
+def _layout() -> dict:
+    return {
+        "tensor": ps.get_tensor_model_parallel_world_size(),
+        "pipeline": ps.get_pipeline_model_parallel_world_size(),
+        "data": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _per_rank_objects(rng: Any, data: Any) -> dict:
+    """RNG per (PP, TP) rank; data position per DP rank (identical on its TP/PP replicas)."""
+    pp, tp, dp = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    pp_size, tp_size, dp_size = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    return {
+        "rng_state": ShardedObject("rng_state", rng, (pp_size, tp_size), (pp, tp), replica_id=dp),
+        "data_state": ShardedObject(
+            "data_state", data, (dp_size,), (dp,), replica_id=pp * tp_size + tp
+        ),
+    }
+
+
+def _sharded_state(model, optimizer, data_state: Any, loading: bool) -> dict:
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=loading, metadata=dict(_OPTIMIZER_FORMAT)
+        )
+    state.update(_per_rank_objects(_rng_state(), data_state))
+    return state
+
+
+def save_checkpoint(
+    root: str,
+    config: Config,
+    model,
+    optimizer,
+    scheduler,
+    train_state: TrainState,
+    data_state: Any,
+) -> str:
+    """Saves everything needed to resume; returns the checkpoint folder."""
+    final = iteration_dir(root, train_state.step)
+    partial = final + ".partial"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    dist.barrier()
+    state = _sharded_state(model, optimizer, data_state, loading=False)
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["train_state"] = vars(train_state).copy()
+    state["config"] = config_to_dict(config)
+    state["layout"] = _layout()
+    dist_checkpointing.save(state, partial)
+    dist.barrier()
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp_marker = os.path.join(root, LATEST + ".tmp")
+        with open(tmp_marker, "w") as f:
+            f.write(os.path.basename(final))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_marker, os.path.join(root, LATEST))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str,
+    model,
+    optimizer=None,
+    scheduler=None,
+    data_stream=None,
+) -> TrainState:
+    """Restores what the checkpoint at path (a root with `latest`, or one iter folder) holds.
+
+    Same layout: everything. Only the DP size changed: weights, optimizer and
+    schedule. TP or PP changed: weights and schedule; the optimizer state
+    starts fresh (its saved form follows the TP/PP partitioning). With
+    optimizer=None only the weights are loaded (fine-tuning or evaluating).
+    """
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise FileNotFoundError(
+            f"checkpoint.load={path!r}: no checkpoint there (expected a '{LATEST}' file or an iter_* folder)"
+        )
+    common = dist_checkpointing.load_common_state_dict(folder)
+    saved, now = common.get("layout", {}), _layout()
+    same_layout = saved == now
+    same_model_split = {k: saved.get(k) for k in ("tensor", "pipeline")} == {
+        k: now[k] for k in ("tensor", "pipeline")
+    }
+    with_optimizer = optimizer is not None and same_model_split
+
+    sharded = _sharded_state(model, optimizer if with_optimizer else None, None, loading=True)
+    if not same_layout:
+        # Per-rank RNG and data positions have no meaning in another layout.
+        sharded.pop("rng_state")
+        sharded.pop("data_state")
+    state = dist_checkpointing.load(sharded, folder)
+    model.load_state_dict(state["model"], strict=True)
+    if with_optimizer:
+        # In fp32 the distributed optimizer's main params are views of the model's
+        # params; megatron copies into them in place, which autograd forbids outside no_grad.
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if same_layout:
+        _set_rng_state(state["rng_state"])
+        if data_stream is not None and state["data_state"] is not None:
+            data_stream.load_state_dict(state["data_state"])
+    elif optimizer is not None:
+        log.warning(
+            "checkpoint %s was saved with layout %s, this run is %s: restored weights%s and schedule; "
+            "RNG and data positions start fresh",
+            folder, saved, now, ", optimizer" if with_optimizer else " (optimizer state starts fresh)",
+        )
+    return TrainState(**state["train_state"])
+
+
+def save_model_weights(model, directory: str) -> None:
+    """Weights only, e.g. a converted or freshly initialised model."""
     os.makedirs(directory, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), directory)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, directory)
 
 
-def load_model_weights(model: VisionLanguageModel, directory: str) -> None:
-    if not dist_checkpointing.check_is_distributed_checkpoint(directory):
+def load_model_weights(model, directory: str) -> None:
+    folder = latest_checkpoint(directory)
+    if folder is None:
         raise FileNotFoundError(f"{directory!r} is not a megavl (dist_checkpointing) checkpoint")
-    state = dist_checkpointing.load(model.sharded_state_dict(), directory)
-    model.load_state_dict(state, strict=True)
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, folder)
+    model.load_state_dict(state["model"], strict=True)

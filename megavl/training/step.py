@@ -131,3 +131,51 @@ def train_step(
         lr=optimizer.param_groups[0]["lr"],
         skipped=not updated,
     )
+
+
+def evaluate(config: Config, model_chunks: list, tokenizer, layout) -> float:
+    """Mean answer-token loss over the first train.eval_steps steps' worth of validation data.
+
+    The validation stream is rebuilt each time, so every evaluation sees the same samples.
+    """
+    from megavl.data.distribute import StepBatches
+    from megavl.data.loader import PackedDataStream
+
+    microbatches = num_microbatches(config, layout.data)
+    data = StepBatches(
+        lambda rank, world: PackedDataStream(
+            config.data.val_path, tokenizer, config, rank=rank, world_size=world,
+            seed=config.train.seed, shuffle=False, infinite=False,
+        ),
+        microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
+    )
+    forward_step = make_forward_step(config)
+    total_loss, total_tokens = 0.0, 0
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(config.train.eval_steps):
+                batches = data.next_step()
+                # Every rank must run the same number of schedules; stop when any rank ran dry.
+                have = torch.tensor([len(batches) == microbatches], dtype=torch.int)
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+                if not have.item():
+                    break
+                losses = get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iter(batches),
+                    model=model_chunks,
+                    num_microbatches=microbatches,
+                    seq_length=config.train.seq_length,
+                    micro_batch_size=config.train.micro_batch_size,
+                    forward_only=True,
+                )
+                loss, tokens = reduce_step_loss(losses)
+                if tokens:
+                    total_loss += loss * tokens
+                    total_tokens += tokens
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    return total_loss / total_tokens if total_tokens else float("nan")

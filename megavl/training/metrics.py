@@ -1,0 +1,93 @@
+"""Where training numbers go: TensorBoard events, metrics.jsonl and one console line per step.
+
+Only one rank writes (the caller decides which); the others get a writer that
+does nothing, so the training loop needs no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class MetricsWriter:
+    def __init__(self, log_dir: str, total_steps: int, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_dir = log_dir
+        self.stream = stream or sys.stdout
+        self._tensorboard = None
+        self._jsonl = None
+        self._started = time.monotonic()
+        self._first_step: Optional[int] = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self._tensorboard = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
+            self._jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a", buffering=1)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        """Writes one step's scalars everywhere and prints the progress line (step counts from 1)."""
+        if not self.enabled:
+            return
+        if self._first_step is None:
+            self._first_step = step - 1
+            self._started = time.monotonic() - metrics.get("step_time", 0.0)
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tensorboard.add_scalar(f"train/{name}", value, step)
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._print_progress(step, metrics)
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            self._tensorboard.add_scalar(f"val/{name}", value, step)
+        self._jsonl.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}) + "\n")
+        shown = " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items())
+        print(f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | {shown}", file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def _print_progress(self, step: int, m: dict) -> None:
+        done = step - self._first_step
+        elapsed = time.monotonic() - self._started
+        eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        width = len(str(self.total_steps))
+        parts = [
+            f"step {step:>{width}}/{self.total_steps}",
+            f"loss {m['loss']:.4f}",
+            f"lr {m['lr']:.2e}",
+            f"grad {m['grad_norm']:.3f}",
+            f"{m['tokens_per_s']:.0f} tok/s",
+        ]
+        if "packing_efficiency" in m:
+            parts.append(f"pack {100 * m['packing_efficiency']:.0f}%")
+        parts += [f"{m['step_time']:.2f} s/step", f"ETA {format_duration(eta)}"]
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tensorboard.close()
+            self._jsonl.close()

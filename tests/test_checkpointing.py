@@ -1,0 +1,78 @@
+"""Checkpoint commit protocol (in one process): a crash mid-save leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def trainable(megatron_world):
+    from megavl.models.build import build_model, wrap_for_training
+    from megavl.training.optimizer import build_optimizer, build_scheduler
+
+    from megavl.data.random_samples import random_batches
+    from megavl.training.step import num_microbatches, train_step
+
+    config = megatron_world
+    model = build_model(config)
+    chunks = wrap_for_training(config, model)
+    optimizer = build_optimizer(config, chunks)
+    scheduler = build_scheduler(config, optimizer)
+    # One real step so the optimizer has state to save.
+    microbatches = num_microbatches(config, 1)
+    train_step(config, chunks, optimizer, scheduler, iter(random_batches(config, microbatches, seed=1)), microbatches)
+    return config, model, optimizer, scheduler
+
+
+def test_crash_during_save_keeps_previous_checkpoint(trainable, tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from megavl.training import checkpoint as ckpt
+
+    config, model, optimizer, scheduler = trainable
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"pos": 1})
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+    def crash(state, folder, *args, **kwargs):
+        with open(os.path.join(folder, "half_written.distcp"), "w") as f:
+            f.write("partial")
+        raise RuntimeError("node lost power")
+
+    monkeypatch.setattr(dist_checkpointing, "save", crash)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(RuntimeError, match="power"):
+        ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=2), {"pos": 2})
+    monkeypatch.undo()
+
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000001"
+    assert not os.path.exists(ckpt.iteration_dir(root, 2))
+    state = ckpt.load_checkpoint(root, model, optimizer, scheduler)
+    assert state.step == 1
+    for key, value in model.state_dict().items():
+        if key in saved:
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
+def test_missing_checkpoint_is_a_clear_error(trainable, tmp_path):
+    from megavl.training.checkpoint import load_checkpoint
+
+    _, model, optimizer, scheduler = trainable
+    with pytest.raises(FileNotFoundError, match="checkpoint.load"):
+        load_checkpoint(str(tmp_path), model, optimizer, scheduler)
+
+
+def test_parameter_counts_from_config_match_the_built_model(megatron_world):
+    from megavl.models.build import build_model
+    from megavl.models.param_count import parameter_counts
+
+    model = build_model(megatron_world)
+    predicted = parameter_counts(megatron_world)
+    for name, count in predicted.items():
+        actual = sum(p.numel() for p in getattr(model, name).parameters())
+        assert actual == count, f"{name}: built {actual}, formula {count}"
