@@ -11,7 +11,8 @@ TORCH_CPU := torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py tools/install_system_packages.sh
+	bash tools/install_system_packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_CPU)
@@ -24,6 +25,14 @@ test: setup
 # Skips the multi-process torchrun tests; for quick iterations only.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+DATA := data/synthetic
+
+$(DATA)/manifest.json: | setup
+	$(PY) tools/make_synthetic_data.py --out $(DATA) --train-samples 4000 --val-samples 200 --seed 0
+
+demo: setup $(DATA)/manifest.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml
 
 clean:
 	rm -rf $(VENV) *.egg-info

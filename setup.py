@@ -13,7 +13,7 @@ setup(
         "torch>=2.6",
         # 0.16.1 is the newest release for Python 3.11; 0.17+ needs Python 3.12.
         "megatron-core>=0.16.1,<0.20",
-        "transformers>=4.57",
+        "transformers>=5.0",
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "pyyaml>=6.0",
@@ -23,6 +23,8 @@ setup(
         # dist_checkpointing's saver needs psutil.
         "psutil>=5.9",
         "einops>=0.7",
+        "webdataset>=0.2.90",
+        "jinja2>=3.1",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.40"],

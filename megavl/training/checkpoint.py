@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megavl.config import Config, config_to_dict
+from megavl.training.optimizer import initialize_state_for_loading, restore_adam_steps
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ def load_checkpoint(
         k: now[k] for k in ("tensor", "pipeline")
     }
     with_optimizer = optimizer is not None and same_model_split
+    if with_optimizer:
+        initialize_state_for_loading(optimizer)
 
     sharded = _sharded_state(model, optimizer if with_optimizer else None, None, loading=True)
     if not same_layout:
@@ -201,6 +204,7 @@ def load_checkpoint(
         # params; megatron copies into them in place, which autograd forbids outside no_grad.
         with torch.no_grad():
             optimizer.load_state_dict(state["optimizer"])
+        restore_adam_steps(optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if same_layout:

@@ -24,7 +24,31 @@ def build_optimizer(config: Config, model_chunks: list):
         params_dtype=torch.bfloat16 if t.dtype == "bf16" else torch.float32,
         use_distributed_optimizer=config.parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(optimizer_config, model_chunks)
+    optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    _complete_torch_adam_state_init(optimizer)
+    return optimizer
+
+
+def _complete_torch_adam_state_init(optimizer) -> None:
+    """Makes a fresh torch Adam state checkpoint-loadable.
+
+    Without Transformer Engine or apex, megatron falls back to torch's AdamW,
+    whose state also holds a per-parameter ``step``. megatron's state initialiser
+    (used before loading a checkpoint into a fresh optimizer) leaves it out, and
+    its state_dict then fails; add it.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(getattr(inner, "optimizer", None), torch.optim.Adam):
+            continue
+        original = inner.init_state_fn
+
+        def init_state(opt, config=None, _original=original):
+            _original(opt, config)
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    opt.state[param].setdefault("step", torch.tensor(0.0))
+
+        inner.init_state_fn = init_state
 
 
 def build_scheduler(config: Config, optimizer) -> OptimizerParamScheduler:
@@ -42,3 +66,36 @@ def build_scheduler(config: Config, optimizer) -> OptimizerParamScheduler:
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
     )
+
+
+def initialize_state_for_loading(optimizer) -> None:
+    """Creates (zero) optimizer state so a checkpoint's state can be loaded into it.
+
+    megatron's distributed optimizer builds its loading state dict from the
+    current state, which a fresh torch optimizer does not have yet.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(inner, "init_state_fn", None) is not None:
+            inner.init_state_fn(inner.optimizer, inner.config)
+
+
+def restore_adam_steps(optimizer) -> None:
+    """Gives every parameter its own, correct Adam ``step`` after a checkpoint load.
+
+    On the torch-optimizer path megatron keeps the step count in the param
+    groups of its state dict, then restores one ``step`` tensor shared by all
+    parameters and partly overwrites it while copying per-parameter state.
+    torch's Adam increments each parameter's step in place and uses it for bias
+    correction, so each parameter gets its own tensor, set from its group's count.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, torch.optim.Adam):
+            continue
+        for group in torch_optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param)
+                if state is not None:
+                    state["step"] = torch.tensor(float(group["step"]))

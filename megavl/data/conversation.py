@@ -1,0 +1,186 @@
+"""Conversation records -> token ids, next-token labels and turn ids (Qwen chat format).
+
+A record is the JSON of one training example::
+
+    {"id": ..., "grounding": bool,
+     "conversations": [{"role": "user" | "assistant" | "system", "content": str}, ...]}
+
+Each ``<image>`` in user content stands for the next image of the record and
+becomes ``<|vision_start|>`` + N x ``<|image_pad|>`` + ``<|vision_end|>``.
+Ids are built segment by segment, so which tokens are answer, header or
+vision is known exactly rather than recovered from the text afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from megavl.config import Config
+from megavl.data.batch import IGNORE_INDEX, ImagePatches, Sample
+
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+ROLES = ("system", "user", "assistant")
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+
+
+def special_token_id(tokenizer, token: str) -> int:
+    """The id of a special token, looked up by its text so no id is hard-coded."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {token} token")
+    return token_id
+
+
+def pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return special_token_id(tokenizer, PAD_TOKEN)
+
+
+def _record_name(record: dict) -> str:
+    return repr(record.get("id", "<no id>"))
+
+
+def _messages(record: dict) -> list[dict]:
+    """The record's messages, checked for shape and roles."""
+    name = _record_name(record)
+    messages = record.get("conversations")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"record {name}: 'conversations' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f"record {name}: message {i} must be a dict with a string 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"record {name}: message {i} has unknown role {role!r}")
+        if role == "system" and i != 0:
+            raise ValueError(f"record {name}: system message at position {i}; only the first may be one")
+        if role != "user" and IMAGE_PLACEHOLDER in message["content"]:
+            raise ValueError(f"record {name}: {IMAGE_PLACEHOLDER} in a {role} message; images belong to user turns")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"record {name}: no assistant message, so nothing to train on")
+    return messages
+
+
+def count_image_placeholders(record: dict) -> int:
+    """How many images the record refers to; raises ValueError for a malformed record."""
+    return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in _messages(record) if m["role"] == "user")
+
+
+class SampleEncoder:
+    """Turns a record and its images into a Sample.
+
+    Conversation masking (each QA turn sees only the shared context and its
+    own question) is switched on per example with probability
+    ``config.data.conversation_mask_prob``, or
+    ``grounding_conversation_mask_prob`` for grounding records. The coin is
+    seeded by (seed, record id), so a record gets the same decision on every
+    rank, in every epoch and after a resume.
+    """
+
+    def __init__(self, tokenizer, config: Config, seed: int):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.seed = seed
+        self.merge = config.model.vision.spatial_merge_size
+        self.im_start = special_token_id(tokenizer, IM_START)
+        self.im_end = special_token_id(tokenizer, IM_END)
+        self.image_pad = special_token_id(tokenizer, IMAGE_PAD)
+        self.vision_start = special_token_id(tokenizer, VISION_START)
+        self.vision_end = special_token_id(tokenizer, VISION_END)
+        if self.image_pad != config.model.lm.image_token_id:
+            raise ValueError(
+                f"tokenizer's {IMAGE_PAD} is id {self.image_pad} but model.lm.image_token_id = "
+                f"{config.model.lm.image_token_id}; the model would not find the image tokens"
+            )
+        # Chat-structure tokens inside message text would silently break the
+        # image-token accounting or the turn layout, so such text is refused.
+        self._structural = {self.im_start, self.im_end, self.image_pad, self.vision_start, self.vision_end}
+        self._newline = self._text("\n")
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def uses_conversation_mask(self, record: dict) -> bool:
+        d = self.config.data
+        prob = d.grounding_conversation_mask_prob if record.get("grounding") else d.conversation_mask_prob
+        # random.Random seeds from a str through SHA-512, so the coin does not
+        # depend on PYTHONHASHSEED or on the process that draws it.
+        rng = random.Random(f"{self.seed}:{record.get('id', '')}")
+        return rng.random() < prob
+
+    def encode(self, record: dict, images: Sequence[ImagePatches]) -> Sample:
+        name = _record_name(record)
+        messages = _messages(record)
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+        if placeholders != len(images):
+            raise ValueError(f"record {name}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+        masked = self.uses_conversation_mask(record)
+
+        tokens: list[int] = []
+        trained: list[bool] = []  # whether a token is a target
+        turns: list[int] = []
+
+        def add(ids: list[int], turn: int, target: bool = False) -> None:
+            tokens.extend(ids)
+            trained.extend([target] * len(ids))
+            turns.extend([turn if masked else 0] * len(ids))
+
+        def add_text(text: str, turn: int, target: bool = False) -> None:
+            ids = self._text(text)
+            if self._structural.intersection(ids):
+                raise ValueError(f"record {name}: message text contains chat or vision special tokens")
+            add(ids, turn, target)
+
+        if messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        else:
+            system = DEFAULT_SYSTEM_PROMPT
+        add([self.im_start] + self._text("system\n"), 0)
+        add_text(system, 0)
+        add([self.im_end] + self._newline, 0)
+
+        image_iter = iter(images)
+        turn, previous = 0, None
+        for message in messages:
+            role, content = message["role"], message["content"]
+            # A turn is a question and its answer: consecutive user messages
+            # form one question, and an answer with no question before it
+            # still opens a turn of its own.
+            if previous != "user":
+                turn += 1
+            previous = role
+            add([self.im_start] + self._text(f"{role}\n"), turn)
+            if role == "assistant":
+                if not content.strip():
+                    raise ValueError(f"record {name}: empty assistant answer in turn {turn}")
+                add_text(content, turn, target=True)
+                add([self.im_end], turn, target=True)
+                add(self._newline, turn)
+                continue
+            pieces = content.split(IMAGE_PLACEHOLDER)
+            add_text(pieces[0], turn)
+            for piece in pieces[1:]:
+                image = next(image_iter)
+                # Shared turn 0, so every later QA turn can look at the image.
+                tokens.append(self.vision_start)
+                tokens.extend([self.image_pad] * image.num_tokens(self.merge))
+                tokens.append(self.vision_end)
+                span = image.num_tokens(self.merge) + 2
+                trained.extend([False] * span)
+                turns.extend([0] * span)
+                add_text(piece, turn)
+            add([self.im_end] + self._newline, turn)
+
+        # Position i predicts token i+1.
+        labels = [tokens[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(len(tokens) - 1)]
+        labels.append(IGNORE_INDEX)
+        return Sample(tokens=tokens, labels=labels, turn_ids=turns, images=list(images), key=str(record.get("id", "")))

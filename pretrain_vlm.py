@@ -1,0 +1,150 @@
+"""Pretrains a vision-language model. Launch with torchrun; reads top to bottom.
+
+    torchrun --nproc-per-node N pretrain_vlm.py --config FILE [--set key=value ...] [--dry-run]
+
+The same script trains the tiny CPU model and the multi-node GPU model; only
+the config and the machine differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def parse_args() -> argparse.Namespace:
+    from megavl.config import add_config_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, parallel layout and parameter counts, then exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: plan for this many processes instead of WORLD_SIZE")
+    return parser.parse_args()
+
+
+def dry_run(config, world_size: int) -> None:
+    """Everything here comes from the config: nothing is allocated, no process group is made."""
+    from megavl.config import data_parallel_size, dump_config, lm_layers_per_stage, validate
+    from megavl.models.param_count import parameter_counts
+
+    validate(config, world_size)
+    p = config.parallel
+    print(dump_config(config))
+    print(f"parallel layout: world={world_size} = TP {p.tensor} x PP {p.pipeline} x "
+          f"DP {data_parallel_size(config, world_size)} (EP {p.expert}, SP {p.sequence_parallel})")
+    print(f"LM layers per pipeline stage: {lm_layers_per_stage(config)} (vision encoder on stage 0)")
+    counts = parameter_counts(config)
+    for name, count in counts.items():
+        print(f"parameters {name:>15}: {count:>15,d}")
+    print(f"parameters {'total':>15}: {sum(counts.values()):>15,d}")
+
+
+def main() -> None:
+    from megavl.config import config_from_args
+    from megavl.platform.distributed import world_size_from_env
+
+    args = parse_args()
+    config = config_from_args(args)
+    if args.dry_run:
+        dry_run(config, args.world_size or world_size_from_env())
+    else:
+        train(config)
+
+
+def train(config) -> None:
+    from megavl.data.distribute import StepBatches
+    from megavl.data.loader import PackedDataStream
+    from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
+    from megavl.models.build import build_model, wrap_for_training
+    from megavl.platform.distributed import init_distributed, set_seed, shutdown
+    from megavl.platform.features import detect
+    from megavl.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+    from megavl.training.metrics import MetricsWriter
+    from megavl.training.optimizer import build_optimizer, build_scheduler
+    from megavl.training.step import evaluate, num_microbatches, train_step
+
+    # 1. Processes, parallel groups and seeds (validates the config first).
+    layout = init_distributed(config)
+    set_seed(config.train.seed)
+    is_logger = layout.rank == 0
+    logging.basicConfig(level=logging.INFO if is_logger else logging.WARNING,
+                        format=f"[rank{layout.rank}] %(levelname)s %(name)s: %(message)s")
+    metrics = MetricsWriter(config.logging.dir, config.train.steps, enabled=is_logger)
+    metrics.message(detect().describe())
+    metrics.message(layout.describe())
+
+    # 2. Model, optimizer and schedule.
+    model = build_model(config)
+    chunks = wrap_for_training(config, model)
+    optimizer = build_optimizer(config, chunks)
+    scheduler = build_scheduler(config, optimizer)
+
+    # 3. Data: every TP/PP rank of one data-parallel rank reads the same stream.
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_tokenizer_matches_model(tokenizer, config)
+    microbatches = num_microbatches(config, layout.data)
+    train_data = StepBatches(
+        lambda rank, world: PackedDataStream(config.data.train_path, tokenizer, config, rank=rank,
+                                             world_size=world, seed=config.train.seed),
+        microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
+    )
+
+    # 4. Resume.
+    state = TrainState()
+    if config.checkpoint.load:
+        state = load_checkpoint(config.checkpoint.load, model, optimizer, scheduler, train_data)
+        metrics.message(f"resumed from {latest_checkpoint(config.checkpoint.load)} at step {state.step}")
+
+    # 5. Train.
+    checkpoint_dir = config.checkpoint.dir
+    while state.step < config.train.steps:
+        started = time.monotonic()
+        batches = train_data.next_step()
+        real_tokens = torch.tensor(sum(int((b["document_ids"] >= 0).sum()) for b in batches))
+        result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
+        dist.all_reduce(real_tokens, group=_data_parallel_group())
+        state.step += 1
+        state.consumed_microbatches += microbatches
+        step_time = time.monotonic() - started
+        stats = train_data.stats
+        metrics.log_step(state.step, {
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "answer_tokens": result.answer_tokens,
+            "tokens": int(real_tokens),
+            "tokens_per_s": int(real_tokens) / step_time,
+            "packing_efficiency": stats.packing_efficiency,
+            "skipped_samples": sum(stats.skipped.values()),
+            "step_time": step_time,
+        })
+        if config.data.val_path and state.step % config.train.eval_interval == 0:
+            metrics.log_eval(state.step, {"loss": evaluate(config, chunks, tokenizer, layout)})
+        if checkpoint_dir and config.checkpoint.interval and state.step % config.checkpoint.interval == 0:
+            save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state, train_data.state_dict())
+
+    # 6. Final checkpoint and where everything is.
+    if checkpoint_dir and state.step > 0:
+        folder = save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state,
+                                 train_data.state_dict())
+        metrics.message(f"checkpoint: {os.path.abspath(folder)}")
+    metrics.message(f"logs: {os.path.abspath(config.logging.dir)} (metrics.jsonl, tensorboard/)")
+    metrics.close()
+    shutdown()
+
+
+def _data_parallel_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+if __name__ == "__main__":
+    main()
