@@ -25,8 +25,12 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------
 
 ROPE_KINDS = ("1d", "mrope")
+MOE_DISPATCHERS = ("alltoall", "allgather")
 IMAGE_ATTENTION_KINDS = ("bidirectional", "causal")
 DTYPES = ("fp32", "bf16")
+# Vision-tower variants: Qwen2.5-VL uses RMSNorm + SwiGLU, Qwen2-VL LayerNorm + QuickGELU.
+VISION_NORMS = ("rmsnorm", "layernorm")
+VISION_MLPS = ("swiglu", "gelu_quick")
 
 
 @dataclass
@@ -46,6 +50,11 @@ class VisionConfig:
     full_attention_layers: list[int] = field(default_factory=lambda: [3])
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # Norm of the encoder layers and of the adapter's pre-merge norm
+    # (layernorm has a bias).
+    norm: str = "rmsnorm"
+    # swiglu: gated fc1 = [gate; up] with SiLU; gelu_quick: fc1 -> x*sigmoid(1.702x) -> fc2.
+    mlp: str = "swiglu"
 
 
 @dataclass
@@ -53,6 +62,23 @@ class AdapterConfig:
     # None means vision.hidden_size * spatial_merge_size**2, i.e. the width
     # of the merged patch vector the adapter consumes.
     ffn_hidden_size: Optional[int] = None
+
+
+@dataclass
+class MoEConfig:
+    # 0 keeps the LM dense; otherwise the MLPs of every layer not in dense_layers
+    # become mixture-of-experts layers with a router shared by text and vision tokens.
+    num_experts: int = 0
+    top_k: int = 2
+    # Per-expert FFN width; None uses model.lm.ffn_hidden_size.
+    ffn_hidden_size: Optional[int] = None
+    # Width of an always-on shared expert; None for none.
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    # 0-based LM layers that keep a dense MLP (e.g. [0] for a dense first layer).
+    dense_layers: list[int] = field(default_factory=list)
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 1e-3
+    dispatcher: str = "alltoall"
 
 
 @dataclass
@@ -74,6 +100,7 @@ class LMConfig:
     max_position_embeddings: int = 32768
     image_attention: str = "bidirectional"
     image_token_id: int = 3
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -88,6 +115,8 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
+    # Tensor parallelism inside each expert (megatron's expert_tensor_parallel_size).
+    expert_tensor: int = 1
     context: int = 1
     sequence_parallel: bool = False
     # LM layers on the first pipeline stage. That stage also runs the vision
@@ -528,6 +557,8 @@ def _check_vision(c: _Checks, config: Config) -> None:
     )
     c.positive(f"{s}.norm_eps", v.norm_eps)
     c.positive(f"{s}.rope_theta", v.rope_theta)
+    c.one_of(f"{s}.norm", v.norm, VISION_NORMS)
+    c.one_of(f"{s}.mlp", v.mlp, VISION_MLPS)
 
 
 def _check_adapter(c: _Checks, config: Config) -> None:
@@ -581,6 +612,32 @@ def _check_lm(c: _Checks, config: Config) -> None:
         )
 
 
+def _check_moe(c: _Checks, config: Config) -> None:
+    m = config.model.lm.moe
+    s = "model.lm.moe"
+    if not c.at_least(f"{s}.num_experts", m.num_experts, 0) or m.num_experts == 0:
+        return
+    c.require(
+        1 <= m.top_k <= m.num_experts,
+        f"{s}.top_k = {m.top_k}: must be in [1, {s}.num_experts = {m.num_experts}]",
+    )
+    ffn = m.ffn_hidden_size if m.ffn_hidden_size is not None else config.model.lm.ffn_hidden_size
+    if c.at_least(f"{s}.ffn_hidden_size", ffn, 1):
+        c.divisible(f"{s}.ffn_hidden_size", ffn, "parallel.expert_tensor", max(1, config.parallel.expert_tensor))
+    if m.shared_expert_ffn_hidden_size is not None:
+        c.at_least(f"{s}.shared_expert_ffn_hidden_size", m.shared_expert_ffn_hidden_size, 1)
+    layers = config.model.lm.num_layers
+    bad = [i for i in m.dense_layers if not 0 <= i < layers]
+    c.require(not bad, f"{s}.dense_layers = {m.dense_layers}: indices {bad} are outside [0, {layers})")
+    c.require(
+        len(set(m.dense_layers)) < layers,
+        f"{s}.dense_layers = {m.dense_layers}: every layer is dense; set num_experts = 0 instead",
+    )
+    c.at_least(f"{s}.aux_loss_coeff", m.aux_loss_coeff, 0.0)
+    c.at_least(f"{s}.z_loss_coeff", m.z_loss_coeff, 0.0)
+    c.one_of(f"{s}.dispatcher", m.dispatcher, MOE_DISPATCHERS)
+
+
 def _check_pipeline_split(c: _Checks, config: Config) -> None:
     p = config.parallel
     n = config.model.lm.num_layers
@@ -630,11 +687,30 @@ def _check_parallel(c: _Checks, config: Config, world_size: int) -> Optional[int
     sizes_ok = True
     for name in ("tensor", "pipeline", "expert", "context"):
         sizes_ok = c.at_least(f"parallel.{name}", getattr(p, name), 1) and sizes_ok
-    c.require(
-        p.expert <= 1,
-        f"parallel.expert = {p.expert}: expert parallelism needs a mixture-of-experts "
-        "LM, and model.lm has no experts; use 1",
-    )
+    experts = config.model.lm.moe.num_experts
+    c.at_least("parallel.expert_tensor", p.expert_tensor, 1)
+    if experts == 0:
+        for name in ("expert", "expert_tensor"):
+            c.require(
+                getattr(p, name) <= 1,
+                f"parallel.{name} = {getattr(p, name)}: expert parallelism needs a mixture-of-experts "
+                "LM, and model.lm has no experts (model.lm.moe.num_experts = 0); use 1",
+            )
+    else:
+        if p.expert >= 1:
+            c.divisible("model.lm.moe.num_experts", experts, "parallel.expert", p.expert)
+        c.require(
+            p.tensor == 1 or p.sequence_parallel,
+            f"parallel.sequence_parallel = False with parallel.tensor = {p.tensor}: "
+            "mixture-of-experts layers with tensor parallelism need sequence parallelism; set it true",
+        )
+        expert_grid = p.expert * p.expert_tensor * p.pipeline
+        if world_size >= 1 and expert_grid >= 1:
+            c.require(
+                world_size % expert_grid == 0,
+                f"world size {world_size}: must be divisible by parallel.expert * parallel.expert_tensor "
+                f"* parallel.pipeline = {p.expert}*{p.expert_tensor}*{p.pipeline} = {expert_grid}",
+            )
     c.require(
         p.context == 1,
         f"parallel.context = {p.context}: context parallelism is not supported "
@@ -734,6 +810,7 @@ def validate(config: Config, world_size: int) -> None:
     _check_vision(c, config)
     _check_adapter(c, config)
     _check_lm(c, config)
+    _check_moe(c, config)
     dp = _check_parallel(c, config, world_size)
     _check_train(c, config, dp)
     _check_data(c, config)

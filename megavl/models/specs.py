@@ -15,10 +15,14 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megavl.attention.core_attention import core_attention_class
+from megavl.models.moe import MegavlRouter
 from megavl.models.norm import RMSNorm
 
 # The local spec's norms are stored under Transformer Engine's fused-norm names.
@@ -28,8 +32,39 @@ _LOCAL_TO_TE_KEYS = {
 }
 
 
-def local_layer_spec(attention_backend: str, qk_layernorm: bool = False) -> ModuleSpec:
+def _local_linears() -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def _moe_spec(linears: MLPSubmodules, shared_expert: bool) -> ModuleSpec:
+    """megatron's MoE layer: a router shared by all tokens, experts as a sequence of MLPs."""
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(
+            router=MegavlRouter,
+            experts=ModuleSpec(module=SequentialMLP, submodules=linears),
+            shared_experts=(
+                ModuleSpec(module=SharedExpertMLP, params={"gate": False}, submodules=linears)
+                if shared_expert
+                else None
+            ),
+        ),
+    )
+
+
+def local_layer_spec(
+    attention_backend: str, qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False
+) -> ModuleSpec:
     """A transformer layer from megatron-core's own modules (runs anywhere)."""
+    mlp = (
+        _moe_spec(_local_linears(), shared_expert)
+        if moe
+        else ModuleSpec(module=MLP, submodules=_local_linears())
+    )
+    keys = dict(_LOCAL_TO_TE_KEYS)
+    if moe:
+        # TE's MoE layers keep a separate pre-MLP norm, so that key stays as it is.
+        keys.pop("pre_mlp_layernorm.")
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -47,29 +82,42 @@ def local_layer_spec(attention_backend: str, qk_layernorm: bool = False) -> Modu
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(_LOCAL_TO_TE_KEYS),
+            sharded_state_dict_keys_map=keys,
         ),
     )
 
 
-def te_layer_spec(attention_backend: str, qk_layernorm: bool = False) -> ModuleSpec:
+def te_layer_spec(
+    attention_backend: str, qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False
+) -> ModuleSpec:
     """A transformer layer with Transformer Engine's fused norm+linear kernels (FP8-capable).
 
     Attention stays megavl's (FlexAttention with a block mask): TE's fused
     attention cannot express bidirectional image spans inside causal packed text.
     """
     from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
         TELayerNormColumnParallelLinear,
         TENorm,
         TERowParallelLinear,
     )
+
+    if moe:
+        # The MoE input norm cannot be fused into the router or the experts.
+        pre_mlp_norm = TENorm
+        mlp = _moe_spec(
+            MLPSubmodules(linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear), shared_expert
+        )
+    else:
+        pre_mlp_norm = IdentityOp
+        mlp = ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+            ),
+        )
 
     return ModuleSpec(
         module=TransformerLayer,
@@ -86,26 +134,28 @@ def te_layer_spec(attention_backend: str, qk_layernorm: bool = False) -> ModuleS
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
-                ),
-            ),
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )
 
 
-def layer_spec(layer_backend: str, attention_backend: str, qk_layernorm: bool = False) -> ModuleSpec:
+def layer_spec(
+    layer_backend: str,
+    attention_backend: str,
+    qk_layernorm: bool = False,
+    moe: bool = False,
+    shared_expert: bool = False,
+) -> ModuleSpec:
     builders = {"local": local_layer_spec, "te": te_layer_spec}
     if layer_backend not in builders:
         raise ValueError(f"layer backend {layer_backend!r} is not one of {sorted(builders)}")
-    return builders[layer_backend](attention_backend, qk_layernorm)
+    return builders[layer_backend](attention_backend, qk_layernorm, moe, shared_expert)
 
 
 def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str, qk_layernorm: bool = False):
-    """This pipeline stage's LM layers plus the final norm, as a block spec.
+    """This pipeline stage's LM layers (dense or MoE, by global index) plus the final norm.
 
     Given explicitly because megatron's default final norm on the local path
     (torch's own norm) refuses sequence parallelism.
@@ -114,12 +164,18 @@ def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     if layer_backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = RMSNorm
-    layer = layer_spec(layer_backend, attention_backend, qk_layernorm)
-    return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(transformer_config), layer_norm=final_norm
-    )
+    c = transformer_config
+    offset = get_transformer_layer_offset(c)
+    moe_pattern = c.moe_layer_freq if c.num_moe_experts else [0] * c.num_layers
+    shared = c.moe_shared_expert_intermediate_size is not None
+    layers = [
+        layer_spec(layer_backend, attention_backend, qk_layernorm, moe=bool(moe_pattern[offset + i]), shared_expert=shared)
+        for i in range(get_num_layers_to_build(c))
+    ]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)

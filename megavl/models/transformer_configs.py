@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavl.config import Config
@@ -66,16 +67,52 @@ def lm_transformer_config(config: Config, fused_kernels: bool = False) -> Transf
         expert_model_parallel_size=p.expert,
         context_parallel_size=p.context,
         mrope_section=list(lm.mrope_section) if lm.rope == "mrope" else None,
+        **_moe_fields(config),
         # The loss is a sum over answer tokens; megatron divides the gradients by
         # the answer-token count of the whole step (all microbatches, all DP ranks).
         calculate_per_token_loss=True,
     )
 
 
+def _moe_fields(config: Config) -> dict:
+    lm, moe = config.model.lm, config.model.lm.moe
+    if moe.num_experts == 0:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.ffn_hidden_size or lm.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_layer_freq=[0 if i in moe.dense_layers else 1 for i in range(lm.num_layers)],
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        moe_token_dispatcher_type=moe.dispatcher,
+        # Dropless: every token reaches its top-k experts, however unbalanced.
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_dtype="fp32",
+        expert_tensor_parallel_size=config.parallel.expert_tensor,
+    )
+
+
+# VisionConfig.norm / .mlp -> the TransformerConfig fields that select them. The
+# normalization name is what Transformer Engine's fused norm+linear reads; the
+# local spec swaps its norm module instead (megavl.models.vision.vision_layer_spec).
+_VISION_NORMALIZATION = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+_VISION_MLP = {
+    "swiglu": dict(gated_linear_unit=True, activation_func=F.silu),
+    "gelu_quick": dict(gated_linear_unit=False, activation_func=quick_gelu),
+}
+
+
 def vision_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
     v = config.model.vision
+    fields = _common(config, fused_kernels)
+    fields.update(normalization=_VISION_NORMALIZATION[v.norm], **_VISION_MLP[v.mlp])
     return TransformerConfig(
-        **_common(config, fused_kernels),
+        **fields,
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,

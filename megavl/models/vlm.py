@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megavl.config import Config
 from megavl.models.adapter import PatchMergerAdapter
+from megavl.models.modality import vision_tokens
 from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
 from megavl.models.vision import VisionEncoder
@@ -97,14 +98,15 @@ class VisionLanguageModel(MegatronModule):
         the caller's loss mask, not here.
         """
         decoder_input = self._embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
-        return self.language_model(
-            input_ids=tokens,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            decoder_input=decoder_input,
-            labels=labels,
-            runtime_gather_output=gather_logits or None,
-        )
+        with vision_tokens(tokens == self.image_token_id):
+            return self.language_model(
+                input_ids=tokens,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                decoder_input=decoder_input,
+                labels=labels,
+                runtime_gather_output=gather_logits or None,
+            )
 
     def _embed(self, tokens, pixel_values, image_grid_thw) -> torch.Tensor:
         embedding = self.language_model.embedding

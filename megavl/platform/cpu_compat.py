@@ -114,6 +114,24 @@ def _patch_torch_cuda() -> None:
     nvtx.range_pop = lambda *a, **k: None
 
 
+def _patch_all_to_all() -> None:
+    """gloo's all_to_all_single takes split sizes as lists; megatron passes CPU tensors."""
+    import torch.distributed as dist
+
+    original = dist.all_to_all_single
+    if getattr(original, "_megavl_lists", False):
+        return
+
+    def as_list(sizes):
+        return sizes.tolist() if torch.is_tensor(sizes) else sizes
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), *args, **kwargs)
+
+    all_to_all_single._megavl_lists = True
+    dist.all_to_all_single = all_to_all_single
+
+
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -135,6 +153,7 @@ def apply() -> bool:
     with _LOCK:
         if not _APPLIED:
             _patch_torch_cuda()
+            _patch_all_to_all()
             _patch_megatron()
             # Entered for the life of the process, deliberately never exited.
             _CudaDeviceToCpu().__enter__()

@@ -75,6 +75,7 @@ def init_distributed(config: Config, timeout_minutes: int = 10) -> Layout:
             tensor_model_parallel_size=p.tensor,
             pipeline_model_parallel_size=p.pipeline,
             expert_model_parallel_size=p.expert,
+            expert_tensor_parallel_size=p.expert_tensor,
             context_parallel_size=p.context,
         )
     return current_layout(config)

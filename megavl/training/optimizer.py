@@ -26,7 +26,24 @@ def build_optimizer(config: Config, model_chunks: list):
     )
     optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
     _complete_torch_adam_state_init(optimizer)
+    _expert_optimizer_uses_expert_tp_group(optimizer)
     return optimizer
+
+
+def _expert_optimizer_uses_expert_tp_group(optimizer) -> None:
+    """Counts each expert's gradient once in the gradient norm.
+
+    megatron gives the expert-parameter optimizer the attention's TP group; when
+    expert TP differs from attention TP (e.g. TP=2 with expert TP=1), the experts
+    on TP rank 1 are then taken for TP duplicates and left out of the norm (and
+    so out of clipping). The expert TP group is the one that describes them.
+    """
+    from megatron.core import parallel_state
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        groups = inner.param_groups
+        if groups and all(group.get("is_expert_parallel", False) for group in groups):
+            inner.tp_group = parallel_state.get_expert_tensor_parallel_group()
 
 
 def _complete_torch_adam_state_init(optimizer) -> None:

@@ -1,0 +1,68 @@
+"""Mixture-of-experts LM: expert parallelism and other layouts train like one process; checkpoints reshard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ROOT, read_json, run_torchrun
+
+MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
+COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.seq_length=256", "parallel.expert=1"]
+NO_AUX = ["model.lm.moe.aux_loss_coeff=0", "model.lm.moe.z_loss_coeff=0"]
+LAYOUTS = {
+    "EP2-alltoall": (["parallel.expert=2"], []),
+    "EP2-allgather": (["parallel.expert=2", "model.lm.moe.dispatcher=allgather"], []),
+    "PP2": (["parallel.pipeline=2"], []),
+    # With TP, the router's auxiliary losses still differ from one process (see the issue
+    # notes); the layout itself is checked with them switched off.
+    "TP2-SP-EP2": (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"], NO_AUX),
+    "TP2-SP-EP2-allgather": (
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
+         "model.lm.moe.dispatcher=allgather"], NO_AUX),
+}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    work = tmp_path_factory.mktemp("moe")
+    results = {}
+    for name, extra in (("aux", []), ("no_aux", NO_AUX)):
+        out = work / f"single-{name}.json"
+        run_torchrun(1, "train_layout.py", ["--config", str(MOE_CONFIG), "--set", *COMMON, *extra, "--out", str(out)])
+        results[name] = read_json(out)
+    return work, results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_moe_layout_matches_single_process(references, name):
+    work, single = references
+    layout, extra = LAYOUTS[name]
+    reference = single["no_aux" if extra else "aux"]
+    out = work / f"{name}.json"
+    run_torchrun(2, "train_layout.py", ["--config", str(MOE_CONFIG), "--set", *COMMON, *extra, *layout, "--out", str(out)])
+    result = read_json(out)
+    assert result["answer_tokens"] == reference["answer_tokens"]
+    # Losses to 1e-5. Gradient norms sum many more fp32 terms, in a different order
+    # under TP, and drift by up to ~1e-5 over three steps; 1e-4 still catches a
+    # missing or doubled gradient, which moves the norm by percents.
+    tolerances = {"loss": 1e-5, "grad_norm": 1e-4 if "TP" in name else 1e-5}
+    for key, rel in tolerances.items():
+        for step, (got, want) in enumerate(zip(result[key], reference[key])):
+            assert got == pytest.approx(want, rel=rel), f"{name} {key} at step {step}: {got} vs {want}"
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_reloads_at_ep1(tmp_path):
+    run_torchrun(2, "train_layout.py", [
+        "--config", str(MOE_CONFIG), "--set", *COMMON, "parallel.expert=2", "train.global_batch_size=2",
+        "--steps", "2", "--save-final", str(tmp_path / "ckpt"), "--logits", "--out", str(tmp_path / "ep2.json"),
+    ])
+    run_torchrun(1, "train_layout.py", [
+        "--config", str(MOE_CONFIG), "--set", *COMMON, "train.global_batch_size=2",
+        "--steps", "0", "--init", str(tmp_path / "ckpt"), "--logits", "--out", str(tmp_path / "ep1.json"),
+    ])
+    ep2 = torch.tensor(read_json(tmp_path / "ep2.json")["logits"])
+    ep1 = torch.tensor(read_json(tmp_path / "ep1.json")["logits"])
+    torch.testing.assert_close(ep1, ep2, atol=1e-5, rtol=0)
