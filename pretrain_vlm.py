@@ -66,6 +66,8 @@ def train(config) -> None:
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect
     from megavl.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+    from megavl.models.moe import RouterStatistics
+    from megavl.training import moe_metrics
     from megavl.training.metrics import MetricsWriter
     from megavl.training.optimizer import build_optimizer, build_scheduler
     from megavl.training.step import evaluate, num_microbatches, train_step
@@ -76,6 +78,7 @@ def train(config) -> None:
     is_logger = layout.rank == 0
     logging.basicConfig(level=logging.INFO if is_logger else logging.WARNING,
                         format=f"[rank{layout.rank}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     metrics = MetricsWriter(config.logging.dir, config.train.steps, enabled=is_logger)
     metrics.message(detect().describe())
     metrics.message(layout.describe())
@@ -103,13 +106,17 @@ def train(config) -> None:
         metrics.message(f"resumed from {latest_checkpoint(config.checkpoint.load)} at step {state.step}")
 
     # 5. Train.
+    is_moe = config.model.lm.moe.num_experts > 0
     checkpoint_dir = config.checkpoint.dir
     while state.step < config.train.steps:
         started = time.monotonic()
         batches = train_data.next_step()
         real_tokens = torch.tensor(sum(int((b["document_ids"] >= 0).sum()) for b in batches))
+        if is_moe:
+            RouterStatistics.start()
         result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
         dist.all_reduce(real_tokens, group=_data_parallel_group())
+        moe_stats = moe_metrics.collect(config, microbatches) if is_moe else None
         state.step += 1
         state.consumed_microbatches += microbatches
         step_time = time.monotonic() - started
@@ -124,7 +131,12 @@ def train(config) -> None:
             "packing_efficiency": stats.packing_efficiency,
             "skipped_samples": sum(stats.skipped.values()),
             "step_time": step_time,
+            **(moe_metrics.scalars(moe_stats) if moe_stats else {}),
         })
+        if moe_stats:
+            metrics.log_record(state.step, {"moe": moe_stats})
+            if state.step % config.logging.interval == 0:
+                metrics.log_image("moe/expert_load", moe_metrics.expert_load_image(moe_stats), state.step)
         if config.data.val_path and state.step % config.train.eval_interval == 0:
             metrics.log_eval(state.step, {"loss": evaluate(config, chunks, tokenizer, layout)})
         if checkpoint_dir and config.checkpoint.interval and state.step % config.checkpoint.interval == 0:

@@ -113,3 +113,39 @@ def test_dry_run_prints_layout_and_parameter_counts():
     assert result.returncode == 0, result.stderr
     assert "world=4 = TP 2 x PP 1 x DP 2" in result.stdout
     assert "parameters           total" in result.stdout
+
+
+def test_moe_with_expert_parallelism_learns_and_reports_router_metrics(data_dir, tmp_path):
+    run = tmp_path / "moe"
+    moe_config = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), str(ROOT / "pretrain_vlm.py"),
+               "--config", str(moe_config), "--set", *_overrides(data_dir, run, steps=12)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-6000:]
+    with open(run / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    train = [r for r in rows if "loss" in r]
+    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert all(r["moe_load_balancing_loss"] > 0 and r["moe_z_loss"] > 0 for r in train)
+
+    records = [r["moe"] for r in rows if "moe" in r]
+    assert len(records) == 12
+    top_k = 2
+    for record in records:
+        # Layer 1 is dense (dense_layers: [0]); layers 2-4 route every token to top_k experts.
+        assert sorted(record["expert_load"]) == ["2", "3", "4"]
+        for layer, load in record["expert_load"].items():
+            assert len(load["text"]) == len(load["vision"]) == 4
+            assert sum(load["text"]) + sum(load["vision"]) == record["routed_tokens"][layer] * top_k
+            assert sum(load["vision"]) > 0  # the batches have images
+        assert record["routed_tokens"]["2"] == 2 * 256  # global batch 2 rows x seq 256
+        assert record["router_losses"]["load_balancing_loss"][0] == 0.0  # the dense layer
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "moe/expert_load" in events.Tags()["images"]

@@ -66,6 +66,15 @@ class MetricsWriter:
         shown = " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items())
         print(f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | {shown}", file=self.stream, flush=True)
 
+    def log_image(self, tag: str, image_hwc, step: int) -> None:
+        if self.enabled:
+            self._tensorboard.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def log_record(self, step: int, record: dict) -> None:
+        """Non-scalar data (e.g. per-layer expert load) as one more line of metrics.jsonl."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": step, **record}) + "\n")
+
     def message(self, text: str) -> None:
         if self.enabled:
             print(text, file=self.stream, flush=True)
@@ -84,6 +93,8 @@ class MetricsWriter:
         ]
         if "packing_efficiency" in m:
             parts.append(f"pack {100 * m['packing_efficiency']:.0f}%")
+        if "moe_load_balancing_loss" in m:
+            parts.append(f"aux {m['moe_load_balancing_loss']:.3f}")
         parts += [f"{m['step_time']:.2f} s/step", f"ETA {format_duration(eta)}"]
         print(" | ".join(parts), file=self.stream, flush=True)
 
