@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
 def dry_run(config, world_size: int) -> None:
     """Everything here comes from the config: nothing is allocated, no process group is made."""
     from megavl.config import data_parallel_size, dump_config, lm_layers_per_stage, validate
-    from megavl.models.param_count import parameter_counts
+    from megavl.models.param_count import active_language_model_parameters, parameter_counts
 
     validate(config, world_size)
     p = config.parallel
@@ -44,6 +44,7 @@ def dry_run(config, world_size: int) -> None:
     for name, count in counts.items():
         print(f"parameters {name:>15}: {count:>15,d}")
     print(f"parameters {'total':>15}: {sum(counts.values()):>15,d}")
+    print(f"LM parameters active per token: {active_language_model_parameters(config):,d}")
 
 
 def main() -> None:

@@ -82,6 +82,21 @@ class MoEConfig:
 
 
 @dataclass
+class VisionLoRAConfig:
+    # Low-rank adapters that only vision tokens use, on every (expert) MLP and on
+    # the attention's QKV and output projections. A rank of 0 removes them.
+    mlp_rank: int = 32
+    attn_rank: int = 8
+    # The update is (alpha / rank) * B @ A.
+    alpha: float = 32.0
+    # Their own weight decay, pulling the vision path back toward the text path.
+    weight_decay: float = 0.1
+    # False keeps the adapters in the model (and checkpoints) but unused and
+    # frozen, e.g. for the alignment stage.
+    enabled: bool = True
+
+
+@dataclass
 class LMConfig:
     num_layers: int = 4
     hidden_size: int = 128
@@ -101,6 +116,7 @@ class LMConfig:
     image_attention: str = "bidirectional"
     image_token_id: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
+    vision_lora: VisionLoRAConfig = field(default_factory=VisionLoRAConfig)
 
 
 @dataclass
@@ -638,6 +654,28 @@ def _check_moe(c: _Checks, config: Config) -> None:
     c.one_of(f"{s}.dispatcher", m.dispatcher, MOE_DISPATCHERS)
 
 
+def _check_vision_lora(c: _Checks, config: Config) -> None:
+    lora = config.model.lm.vision_lora
+    s = "model.lm.vision_lora"
+    ranks_ok = c.at_least(f"{s}.mlp_rank", lora.mlp_rank, 0)
+    ranks_ok = c.at_least(f"{s}.attn_rank", lora.attn_rank, 0) and ranks_ok
+    if not ranks_ok or (lora.mlp_rank == 0 and lora.attn_rank == 0):
+        return
+    c.positive(f"{s}.alpha", lora.alpha)
+    if c.at_least(f"{s}.weight_decay", lora.weight_decay, 0.0) and lora.weight_decay > 0:
+        c.require(
+            config.train.weight_decay > 0,
+            f"{s}.weight_decay = {lora.weight_decay}: needs train.weight_decay > 0 "
+            "(the adapters' decay is applied as a multiple of it)",
+        )
+    if config.model.lm.moe.num_experts and lora.mlp_rank:
+        c.require(
+            config.parallel.expert_tensor == 1,
+            f"parallel.expert_tensor = {config.parallel.expert_tensor}: vision LoRA on experts "
+            "supports expert_tensor = 1 only (set model.lm.vision_lora.mlp_rank = 0 otherwise)",
+        )
+
+
 def _check_pipeline_split(c: _Checks, config: Config) -> None:
     p = config.parallel
     n = config.model.lm.num_layers
@@ -811,6 +849,7 @@ def validate(config: Config, world_size: int) -> None:
     _check_adapter(c, config)
     _check_lm(c, config)
     _check_moe(c, config)
+    _check_vision_lora(c, config)
     dp = _check_parallel(c, config, world_size)
     _check_train(c, config, dp)
     _check_data(c, config)

@@ -39,8 +39,11 @@ def _flatten(state) -> list:
 def _initial_value(key: str, shape: tuple, generator: torch.Generator, config: Config) -> torch.Tensor:
     name = key.rsplit(".", 1)[-1]
     device = generator.device
-    if name.endswith("bias"):
+    if name.endswith("bias") or name == "lora_b":
+        # lora_b = 0: a fresh vision adapter changes nothing.
         return torch.zeros(shape, device=device)
+    if name == "lora_a":
+        return torch.randn(shape, generator=generator, device=device) / math.sqrt(shape[-1])
     if len(shape) == 1 and ("norm" in key):
         return torch.ones(shape, device=device)
     std = config.train.init_std

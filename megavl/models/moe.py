@@ -1,6 +1,9 @@
-"""megatron's top-k router, with the load-balancing loss made layout-independent and statistics.
+"""megatron's MoE layer pieces as megavl uses them.
 
-Two additions to ``TopKRouter``:
+``VisionAwareMoELayer`` / ``VisionAwareSequentialMLP`` carry each token's
+vision flag to the expert that computes it (for vision-only LoRA).
+
+``MegavlRouter`` adds two things to ``TopKRouter``:
 
 * With sequence parallelism each tensor-parallel rank routes a slice of the
   sequence. In per-token-loss mode megatron's load-balancing and z losses then
@@ -18,6 +21,8 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker, z_loss_func
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megavl.models.modality import current_vision_mask, local_tokens
@@ -109,3 +114,61 @@ class MegavlRouter(TopKRouter):
             activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
             reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
         )
+
+
+def _carries_vision_flags(config) -> bool:
+    from megavl.models.vision_lora import lora_settings
+
+    mlp_rank, _, _, enabled = lora_settings(config)
+    return enabled and mlp_rank > 0
+
+
+class VisionAwareMoELayer(MoELayer):
+    """megatron's MoE layer whose tokens carry their vision flag through the dispatcher.
+
+    The flag rides as one extra hidden column: every dispatcher (all-to-all,
+    all-gather, with or without EP) permutes and exchanges whole rows, so each
+    expert receives exactly the flags of the tokens it got. The router and the
+    shared expert see the hidden states without it.
+    """
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        if _carries_vision_flags(self.config):
+            mask = current_vision_mask()
+            if mask is None:
+                flags = torch.zeros(hidden_states.shape[:-1], dtype=hidden_states.dtype, device=hidden_states.device)
+            else:
+                flags = local_tokens(mask, self.config.sequence_parallel).view(hidden_states.shape[:-1])
+            hidden_states = torch.cat([hidden_states, flags.unsqueeze(-1).to(hidden_states.dtype)], dim=-1)
+        return super().preprocess(hidden_states, probs, routing_map)
+
+    def postprocess(self, output, shared_expert_output):
+        output = self.token_dispatcher.combine_postprocess(output)
+        if _carries_vision_flags(self.config):
+            output = output[..., :-1]
+        if shared_expert_output is not None:
+            output = output + shared_expert_output
+        return output
+
+
+class VisionAwareSequentialMLP(SequentialMLP):
+    """Local experts that strip the vision-flag column and tell their LoRA linears which rows are vision."""
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        if not _carries_vision_flags(self.config):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        from megavl.models.vision_lora import expert_rows
+
+        hidden = permuted_local_hidden_states[..., :-1]
+        flags = permuted_local_hidden_states[..., -1] > 0.5
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+        outputs = []
+        for expert, tokens, probs, rows in zip(
+            self.local_experts, hidden.split(counts), permuted_probs.split(counts), flags.split(counts)
+        ):
+            with expert_rows(rows):
+                output, _ = expert(tokens, probs)
+            outputs.append(output)
+        output = torch.cat(outputs, dim=0)
+        # The zero column keeps the row width the dispatcher expects on the way back.
+        return torch.cat([output, output.new_zeros(output.shape[0], 1)], dim=-1), None

@@ -33,8 +33,42 @@ def parameter_counts(config: Config) -> dict[str, int]:
     adapter_ffn = a.ffn_hidden_size or merged
     adapter = v.hidden_size + merged * adapter_ffn + adapter_ffn + adapter_ffn * lm.hidden_size + lm.hidden_size
     language = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2) + lm.hidden_size
-    language += lm.num_layers * _attention_mlp_layer(
-        lm.hidden_size, lm.num_attention_heads, lm.num_query_groups, lm.ffn_hidden_size,
-        qkv_bias=lm.qkv_bias, linear_bias=False, qk_norm=lm.qk_layernorm,
-    )
+    moe = lm.moe
+    h = lm.hidden_size
+    head_dim = h // lm.num_attention_heads
+    qkv_out = (lm.num_attention_heads + 2 * lm.num_query_groups) * head_dim
+    r_mlp, r_attn = lm.vision_lora.mlp_rank, lm.vision_lora.attn_rank
+    attention_lora = r_attn * (h + qkv_out) + r_attn * (lm.num_attention_heads * head_dim + h)
+
+    def mlp(ffn: int, lora: bool = True) -> int:
+        weights = 3 * ffn * h
+        return weights + (r_mlp * (h + 2 * ffn) + r_mlp * (ffn + h) if lora else 0)
+
+    for layer in range(lm.num_layers):
+        # The dense formula includes one MLP; MoE layers swap it for router + experts.
+        language += _attention_mlp_layer(
+            h, lm.num_attention_heads, lm.num_query_groups, lm.ffn_hidden_size,
+            qkv_bias=lm.qkv_bias, linear_bias=False, qk_norm=lm.qk_layernorm,
+        ) + attention_lora
+        if moe.num_experts and layer not in moe.dense_layers:
+            language -= 3 * lm.ffn_hidden_size * h
+            language += moe.num_experts * h  # router
+            language += moe.num_experts * mlp(moe.ffn_hidden_size or lm.ffn_hidden_size)
+            if moe.shared_expert_ffn_hidden_size:
+                language += mlp(moe.shared_expert_ffn_hidden_size, lora=False)
+        else:
+            language += mlp(lm.ffn_hidden_size) - 3 * lm.ffn_hidden_size * h
     return {"vision": vision, "adapter": adapter, "language_model": language}
+
+
+def active_language_model_parameters(config: Config) -> int:
+    """LM parameters one token passes through: experts beyond its top-k are not counted."""
+    lm, moe = config.model.lm, config.model.lm.moe
+    total = parameter_counts(config)["language_model"]
+    if not moe.num_experts:
+        return total
+    h, ffn = lm.hidden_size, moe.ffn_hidden_size or lm.ffn_hidden_size
+    r = lm.vision_lora.mlp_rank
+    per_expert = 3 * ffn * h + r * (h + 2 * ffn) + r * (ffn + h)
+    moe_layers = lm.num_layers - len(set(moe.dense_layers))
+    return total - moe_layers * (moe.num_experts - moe.top_k) * per_expert

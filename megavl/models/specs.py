@@ -22,7 +22,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megavl.attention.core_attention import core_attention_class
-from megavl.models.moe import MegavlRouter
+from megavl.models.moe import MegavlRouter, VisionAwareMoELayer, VisionAwareSequentialMLP
+from megavl.models.vision_lora import (
+    VisionLoRAColumnParallelLinear,
+    VisionLoRAGatedColumnParallelLinear,
+    VisionLoRAMLPRowParallelLinear,
+    VisionLoRARowParallelLinear,
+    lora_settings,
+)
 from megavl.models.norm import RMSNorm
 
 # The local spec's norms are stored under Transformer Engine's fused-norm names.
@@ -32,17 +39,28 @@ _LOCAL_TO_TE_KEYS = {
 }
 
 
-def _local_linears() -> MLPSubmodules:
+def _local_linears(vision_lora: bool = False) -> MLPSubmodules:
+    if vision_lora:
+        return MLPSubmodules(
+            linear_fc1=VisionLoRAGatedColumnParallelLinear, linear_fc2=VisionLoRAMLPRowParallelLinear
+        )
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
-def _moe_spec(linears: MLPSubmodules, shared_expert: bool) -> ModuleSpec:
-    """megatron's MoE layer: a router shared by all tokens, experts as a sequence of MLPs."""
+def _moe_spec(linears: MLPSubmodules, shared_expert: bool, vision_lora: bool = False) -> ModuleSpec:
+    """megatron's MoE layer: a router shared by all tokens, experts as a sequence of MLPs.
+
+    With vision LoRA the experts get adapters and the tokens carry their vision
+    flag to them; the shared expert (which sees tokens in sequence order) does not.
+    """
     return ModuleSpec(
-        module=MoELayer,
+        module=VisionAwareMoELayer if vision_lora else MoELayer,
         submodules=MoESubmodules(
             router=MegavlRouter,
-            experts=ModuleSpec(module=SequentialMLP, submodules=linears),
+            experts=ModuleSpec(
+                module=VisionAwareSequentialMLP if vision_lora else SequentialMLP,
+                submodules=_local_linears(vision_lora) if vision_lora else linears,
+            ),
             shared_experts=(
                 ModuleSpec(module=SharedExpertMLP, params={"gate": False}, submodules=linears)
                 if shared_expert
@@ -53,13 +71,17 @@ def _moe_spec(linears: MLPSubmodules, shared_expert: bool) -> ModuleSpec:
 
 
 def local_layer_spec(
-    attention_backend: str, qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False
+    attention_backend: str,
+    qk_layernorm: bool = False,
+    moe: bool = False,
+    shared_expert: bool = False,
+    vision_lora: bool = False,
 ) -> ModuleSpec:
     """A transformer layer from megatron-core's own modules (runs anywhere)."""
     mlp = (
-        _moe_spec(_local_linears(), shared_expert)
+        _moe_spec(_local_linears(), shared_expert, vision_lora)
         if moe
-        else ModuleSpec(module=MLP, submodules=_local_linears())
+        else ModuleSpec(module=MLP, submodules=_local_linears(vision_lora))
     )
     keys = dict(_LOCAL_TO_TE_KEYS)
     if moe:
@@ -73,9 +95,9 @@ def local_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.arbitrary},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=VisionLoRAColumnParallelLinear if vision_lora else ColumnParallelLinear,
                     core_attention=core_attention_class(attention_backend),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=VisionLoRARowParallelLinear if vision_lora else RowParallelLinear,
                     q_layernorm=RMSNorm if qk_layernorm else IdentityOp,
                     k_layernorm=RMSNorm if qk_layernorm else IdentityOp,
                 ),
@@ -90,13 +112,22 @@ def local_layer_spec(
 
 
 def te_layer_spec(
-    attention_backend: str, qk_layernorm: bool = False, moe: bool = False, shared_expert: bool = False
+    attention_backend: str,
+    qk_layernorm: bool = False,
+    moe: bool = False,
+    shared_expert: bool = False,
+    vision_lora: bool = False,
 ) -> ModuleSpec:
     """A transformer layer with Transformer Engine's fused norm+linear kernels (FP8-capable).
 
     Attention stays megavl's (FlexAttention with a block mask): TE's fused
     attention cannot express bidirectional image spans inside causal packed text.
     """
+    if vision_lora:
+        raise ValueError(
+            "vision LoRA is implemented on megatron-core's local linears only; on Transformer Engine "
+            "set model.lm.vision_lora.mlp_rank = attn_rank = 0"
+        )
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelLinear,
         TELayerNormColumnParallelLinear,
@@ -147,11 +178,12 @@ def layer_spec(
     qk_layernorm: bool = False,
     moe: bool = False,
     shared_expert: bool = False,
+    vision_lora: bool = False,
 ) -> ModuleSpec:
     builders = {"local": local_layer_spec, "te": te_layer_spec}
     if layer_backend not in builders:
         raise ValueError(f"layer backend {layer_backend!r} is not one of {sorted(builders)}")
-    return builders[layer_backend](attention_backend, qk_layernorm, moe, shared_expert)
+    return builders[layer_backend](attention_backend, qk_layernorm, moe, shared_expert, vision_lora)
 
 
 def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str, qk_layernorm: bool = False):
@@ -174,8 +206,12 @@ def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str
     offset = get_transformer_layer_offset(c)
     moe_pattern = c.moe_layer_freq if c.num_moe_experts else [0] * c.num_layers
     shared = c.moe_shared_expert_intermediate_size is not None
+    mlp_rank, attn_rank, _, _ = lora_settings(c)
     layers = [
-        layer_spec(layer_backend, attention_backend, qk_layernorm, moe=bool(moe_pattern[offset + i]), shared_expert=shared)
+        layer_spec(
+            layer_backend, attention_backend, qk_layernorm, moe=bool(moe_pattern[offset + i]),
+            shared_expert=shared, vision_lora=bool(mlp_rank or attn_rank),
+        )
         for i in range(get_num_layers_to_build(c))
     ]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megavl.config import Config
@@ -24,7 +26,7 @@ def build_optimizer(config: Config, model_chunks: list):
         params_dtype=torch.bfloat16 if t.dtype == "bf16" else torch.float32,
         use_distributed_optimizer=config.parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    optimizer = get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=_param_overrides(config, optimizer_config))
     _complete_torch_adam_state_init(optimizer)
     _expert_optimizer_uses_expert_tp_group(optimizer)
     return optimizer
@@ -44,6 +46,17 @@ def _expert_optimizer_uses_expert_tp_group(optimizer) -> None:
         groups = inner.param_groups
         if groups and all(group.get("is_expert_parallel", False) for group in groups):
             inner.tp_group = parallel_state.get_expert_tensor_parallel_group()
+
+
+def _param_overrides(config: Config, optimizer_config: OptimizerConfig) -> dict:
+    """megatron's usual groups (no decay on biases and norms) plus the vision adapters' own decay."""
+    overrides = get_standard_config_overrides(optimizer_config)
+    lora = config.model.lm.vision_lora
+    if config.train.weight_decay > 0:
+        overrides[ParamKey(attr="vision_lora")] = ParamGroupOverride(
+            wd_mult=lora.weight_decay / config.train.weight_decay
+        )
+    return overrides
 
 
 def _complete_torch_adam_state_init(optimizer) -> None:
