@@ -8,11 +8,17 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megavl.models.norm import RMSNorm
+from megavl.models.norm import LayerNorm, RMSNorm
+
+# TransformerConfig.normalization -> the module normalising each patch before the merge.
+_NORMS = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}
 
 
 class PatchMergerAdapter(MegatronModule):
-    """RMSNorm over each patch, concatenate the merge x merge patches of a block, MLP to the LM width.
+    """Norm each patch, concatenate the merge x merge patches of a block, MLP to the LM width.
+
+    The norm is the vision tower's kind (RMSNorm for Qwen2.5-VL, LayerNorm with
+    bias for Qwen2-VL), read from the vision TransformerConfig.
 
     The MLP is tensor-parallel: the first linear is split by columns, the
     second by rows, so the output arrives whole on every TP rank.
@@ -28,7 +34,8 @@ class PatchMergerAdapter(MegatronModule):
     ):
         super().__init__(config=vision_config)
         self.merged_width = vision_hidden * merge * merge
-        self.norm = RMSNorm(vision_config, vision_hidden, eps=vision_config.layernorm_epsilon)
+        norm = _NORMS[vision_config.normalization]
+        self.norm = norm(vision_config, vision_hidden, eps=vision_config.layernorm_epsilon)
         self.linear_fc1 = ColumnParallelLinear(
             self.merged_width,
             ffn_hidden,

@@ -1,5 +1,8 @@
 """A Qwen2.5-VL-style vision transformer built from megatron-core TransformerLayers.
 
+VisionConfig selects the Qwen2-VL variant too: LayerNorm instead of RMSNorm,
+a QuickGELU MLP instead of SwiGLU, and every layer full attention.
+
 Images of different native resolutions are packed into one sequence of 14x14
 patches. Attention is restricted to each image (full-attention layers) or to
 windows inside each image (the other layers), expressed as segment masks rather
@@ -13,6 +16,7 @@ consecutively. The adapter relies on this to merge 4 consecutive patches.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -25,6 +29,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megavl.attention.mask import materialize, segment_mask_mod
 from megavl.config import VisionConfig
+from megavl.models.norm import RMSNorm, norm_class
 
 
 def patch_coordinates(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -100,6 +105,25 @@ class VisionRotaryEmbedding(torch.nn.Module):
         return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
+def vision_layer_spec(spec: ModuleSpec, vision: VisionConfig) -> ModuleSpec:
+    """The shared layer spec with its local norms replaced by the vision tower's kind.
+
+    Only the local spec holds separate norm modules (megavl's RMSNorm); the
+    Transformer Engine spec fuses its norms into the linears, which read the
+    kind from TransformerConfig.normalization, so it is returned unchanged.
+    """
+    norm = norm_class(vision.norm)
+    sub = spec.submodules
+    swaps = {
+        name: norm
+        for name in ("input_layernorm", "pre_mlp_layernorm")
+        if getattr(sub, name, None) is RMSNorm and norm is not RMSNorm
+    }
+    if not swaps:
+        return spec
+    return dataclasses.replace(spec, submodules=dataclasses.replace(sub, **swaps))
+
+
 class VisionEncoder(MegatronModule):
     def __init__(
         self,
@@ -117,6 +141,7 @@ class VisionEncoder(MegatronModule):
         self.rotary = VisionRotaryEmbedding(
             vision.hidden_size // vision.num_attention_heads, vision.rope_theta
         )
+        layer_spec = vision_layer_spec(layer_spec, vision)
         self.layers = torch.nn.ModuleList(
             build_module(layer_spec, config=transformer_config, layer_number=i + 1)
             for i in range(vision.num_layers)

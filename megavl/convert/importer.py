@@ -1,0 +1,146 @@
+"""Hugging Face folder -> megavl checkpoint (dist_checkpointing) + megavl_config.yaml.
+
+The megavl model is built whole in one process and the Hugging Face tensors
+are streamed into it one mapping at a time, so at most one layer's worth of
+Hugging Face tensors is in memory beside the model. The checkpoint is
+layout-free: megatron reshards it to the TP/PP layout that loads it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from megavl.config import Config, ConfigError, dump_config, validate
+from megavl.convert.errors import ConversionError, TensorMismatchError
+from megavl.convert.hf_io import (
+    CONFIG_NAME,
+    SafetensorsCheckpoint,
+    check_new_folder,
+    read_hf_config,
+    read_preprocessor_config,
+)
+from megavl.convert.mapping import BoundMapping, MappingTable
+from megavl.convert.megavl_model import CONFIG_FILE, build_single_process_model, model_tensors
+from megavl.convert.registry import architecture_for_hf
+from megavl.convert.verify import (
+    AUTO_VERIFY_MAX_PARAMS,
+    DEFAULT_TOLERANCE,
+    VerifyResult,
+    reserved_token_ids,
+    verify_conversion,
+)
+
+# The imported config.json, kept beside the checkpoint: the exporter takes the
+# fields megavl does not model (e.g. video token ids) from it.
+SOURCE_HF_CONFIG = "hf_config.json"
+
+
+@dataclass
+class ImportResult:
+    architecture: str
+    config: Config
+    out_dir: str
+    num_parameters: int
+    notes: list[str] = field(default_factory=list)
+    verification: Optional[VerifyResult] = None
+
+
+def _check_layout(config: Config, tensor: int, pipeline: int) -> None:
+    config.parallel.tensor = tensor
+    config.parallel.pipeline = pipeline
+    try:
+        validate(config, world_size=tensor * pipeline)
+    except ConfigError as e:
+        raise ConversionError(
+            f"the model cannot be split into --tensor {tensor} --pipeline {pipeline}: {e}"
+        ) from e
+
+
+def plan_import(table: MappingTable, megavl: dict[str, torch.Tensor],
+                checkpoint: SafetensorsCheckpoint, where: str) -> list[BoundMapping]:
+    """The mappings to apply, after checking every tensor's presence and shape (all problems at once)."""
+    plan = table.bind(megavl)
+    wanted = {name for bound in plan for name in bound.hf}
+    available = set(checkpoint.names())
+    missing = wanted - available
+    unexpected = {n for n in available - wanted if not table.is_ignorable(n)}
+    shapes = []
+    for bound in plan:
+        expected = bound.hf_shapes([megavl[name].shape for name in bound.megavl])
+        for name, shape in zip(bound.hf, expected):
+            if name in available and checkpoint.shape(name) != shape:
+                shapes.append((name, shape, checkpoint.shape(name)))
+    if missing or unexpected or shapes:
+        raise TensorMismatchError(where, missing, unexpected, shapes)
+    return plan
+
+
+@torch.no_grad()
+def import_from_hf(
+    hf_dir: str,
+    out_dir: str,
+    tensor: int = 1,
+    pipeline: int = 1,
+    verify: Optional[bool] = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log: Callable[[str], None] = print,
+) -> ImportResult:
+    """Converts the Hugging Face model in hf_dir into a megavl checkpoint in out_dir.
+
+    verify=None verifies models under 2e9 parameters; the result's verification
+    says whether the logits agree (callers decide what a failure means). Raises
+    ConversionError for anything that prevents the conversion.
+    """
+    from megavl.training.checkpoint import save_model_weights
+
+    hf_json = read_hf_config(hf_dir)
+    arch = architecture_for_hf(hf_json, os.path.join(hf_dir, CONFIG_NAME))
+    try:
+        hf_config = arch.config_class().from_dict(hf_json)
+    except Exception as e:  # transformers' own validation, whatever it raises
+        raise ConversionError(f"{os.path.join(hf_dir, CONFIG_NAME)}: transformers rejects it: {e}") from e
+    config, notes = arch.megavl_config(hf_config, read_preprocessor_config(hf_dir))
+    _check_layout(config, tensor, pipeline)
+    check_new_folder(out_dir, "--out")
+
+    checkpoint = SafetensorsCheckpoint(hf_dir, rename=arch.canonical_hf_name)
+    num_parameters = checkpoint.num_parameters()
+    log(f"import: {arch.name} from {hf_dir}: {num_parameters / 1e6:.1f}M parameters")
+    for note in notes:
+        log(f"  note: {note}")
+
+    model = build_single_process_model(config)
+    megavl = model_tensors(model)
+    plan = plan_import(arch.table(config), megavl, checkpoint, f"Hugging Face checkpoint {hf_dir}")
+    for bound in plan:
+        values = bound.to_megavl([checkpoint.get(name) for name in bound.hf])
+        for name, value in zip(bound.megavl, values):
+            megavl[name].copy_(value)
+        del values
+    os.makedirs(out_dir, exist_ok=True)
+    save_model_weights(model, out_dir)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(f"# Converted from {arch.name} ({os.path.abspath(hf_dir)}).\n")
+        f.write("# model.lm.image_attention is causal to reproduce the Hugging Face model.\n")
+        f.write(dump_config(config))
+    shutil.copyfile(os.path.join(hf_dir, CONFIG_NAME), os.path.join(out_dir, SOURCE_HF_CONFIG))
+    log(f"import: wrote {len(megavl)} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline}) "
+        f"and {CONFIG_FILE}")
+    del model, megavl, plan
+    gc.collect()
+
+    result = ImportResult(arch.name, config, out_dir, num_parameters, notes)
+    if verify is None:
+        verify = num_parameters < AUTO_VERIFY_MAX_PARAMS
+    if verify:
+        result.verification = verify_conversion(
+            hf_dir, config, arch, out_dir, reserved=reserved_token_ids(hf_json), tolerance=tolerance
+        )
+        log(result.verification.describe())
+    return result

@@ -1,0 +1,63 @@
+"""Exports a megavl checkpoint as a Hugging Face Qwen2-VL / Qwen2.5-VL folder.
+
+    python tools/convert_to_hf.py --load DIR --out HF_FOLDER [--tokenizer PATH] [--max-shard-size 2GB]
+
+DIR is a converted checkpoint (with megavl_config.yaml) or a training
+checkpoint (root with `latest`, or one iter_* folder), saved under any layout.
+The result loads with transformers' from_pretrained. Models that the
+Hugging Face class cannot reproduce (e.g. model.lm.image_attention:
+bidirectional) are refused with the reasons. Exit status: 0 done, 1 logits
+differ beyond the tolerance, 2 the model cannot be exported.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="megavl checkpoint folder")
+    parser.add_argument("--out", required=True, help="new or empty folder for the Hugging Face model")
+    parser.add_argument("--tokenizer", help="tokenizer folder to save beside the model")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
+    parser.add_argument("--architecture", help="Hugging Face architecture name (default: the one that fits)")
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=None,
+        help="compare logits with the exported model (default: on below 2e9 parameters)",
+    )
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| (fp32)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    from megavl.config import ConfigError
+    from megavl.convert import ConversionError, export_to_hf
+    from megavl.platform.distributed import shutdown
+
+    # Called from a process that already has a process group (e.g. tests), leave it up.
+    owns_world = not dist.is_initialized()
+    try:
+        result = export_to_hf(
+            args.load, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+            architecture=args.architecture, verify=args.verify, tolerance=args.tolerance,
+        )
+    except (ConversionError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if owns_world:
+            shutdown()
+    if result.verification is not None and not result.verification.ok:
+        print(f"error: {result.verification.describe()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
