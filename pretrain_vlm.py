@@ -66,7 +66,13 @@ def train(config) -> None:
     from megavl.models.build import build_model, wrap_for_training
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect
-    from megavl.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+    from megavl.training.checkpoint import (
+        TrainState,
+        latest_checkpoint,
+        load_checkpoint,
+        load_model_weights,
+        save_checkpoint,
+    )
     from megavl.models.moe import RouterStatistics
     from megavl.training import moe_metrics
     from megavl.training.metrics import MetricsWriter
@@ -105,6 +111,10 @@ def train(config) -> None:
     if config.checkpoint.load:
         state = load_checkpoint(config.checkpoint.load, model, optimizer, scheduler, train_data)
         metrics.message(f"resumed from {latest_checkpoint(config.checkpoint.load)} at step {state.step}")
+    elif config.checkpoint.pretrained:
+        fresh = load_model_weights(model, config.checkpoint.pretrained, allow_fresh_adapters=True)
+        metrics.message(f"started from the weights in {config.checkpoint.pretrained}"
+                        + (f" ({len(fresh)} vision-adapter tensors start fresh)" if fresh else ""))
 
     # 5. Train.
     is_moe = config.model.lm.moe.num_experts > 0

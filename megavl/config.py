@@ -185,6 +185,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
+    # Weights to start from (e.g. tools/convert_from_hf.py output) when not resuming;
+    # vision adapters missing from it start fresh (B = 0, so the model is unchanged).
+    pretrained: Optional[str] = None
     # 0 saves only at the end of training.
     interval: int = 0
     load: Optional[str] = None

@@ -67,12 +67,57 @@ def test_missing_checkpoint_is_a_clear_error(trainable, tmp_path):
         load_checkpoint(str(tmp_path), model, optimizer, scheduler)
 
 
-def test_parameter_counts_from_config_match_the_built_model(megatron_world):
+@pytest.mark.parametrize("config_name,overrides", [
+    ("tiny_cpu.yaml", []),
+    ("tiny_cpu.yaml", ["model.vision.norm=layernorm", "model.vision.mlp=gelu_quick", "model.lm.tie_embeddings=false"]),
+    ("tiny_moe_cpu.yaml", ["parallel.expert=1", "model.lm.moe.shared_expert_ffn_hidden_size=96"]),
+])
+def test_parameter_counts_from_config_match_the_built_model(megatron_world, config_name, overrides):
+    from megavl.config import load_config
     from megavl.models.build import build_model
     from megavl.models.param_count import parameter_counts
 
-    model = build_model(megatron_world)
-    predicted = parameter_counts(megatron_world)
+    from conftest import ROOT
+
+    config = load_config(str(ROOT / "examples" / "configs" / config_name), overrides)
+    model = build_model(config)
+    predicted = parameter_counts(config)
     for name, count in predicted.items():
         actual = sum(p.numel() for p in getattr(model, name).parameters())
         assert actual == count, f"{name}: built {actual}, formula {count}"
+
+
+def test_pretrained_weights_without_adapters_start_them_fresh(megatron_world, tmp_path):
+    """A converted (adapter-free) checkpoint loads into a model with vision LoRA; outputs are unchanged."""
+    import random
+
+    from megavl.config import load_config
+    from megavl.data.batch import collate_rows, pack_row
+    from megavl.data.random_samples import random_sample
+    from megavl.models.build import build_model
+    from megavl.training.checkpoint import load_model_weights, save_model_weights
+    from megavl.training.step import attention_mask_for, model_inputs
+
+    from conftest import ROOT
+
+    base = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+    plain_config = load_config(str(base), ["model.lm.vision_lora.mlp_rank=0", "model.lm.vision_lora.attn_rank=0",
+                                            "train.seed=99"])
+    plain = build_model(plain_config)
+    save_model_weights(plain, str(tmp_path / "converted"))
+
+    with_lora = build_model(load_config(str(base)))
+    fresh = load_model_weights(with_lora, str(tmp_path / "converted"), allow_fresh_adapters=True)
+    assert fresh and all(name.endswith(("lora_a", "lora_b")) for name in fresh)
+
+    rng = random.Random(2)
+    sample = random_sample(rng, plain_config, max_images=1)
+    batch = model_inputs(collate_rows([pack_row([sample], 512, 3, 2)]), plain_config, torch.device("cpu"))
+    mask = attention_mask_for(batch, True, "sdpa")
+    with torch.no_grad():
+        outputs = [m(batch["tokens"], batch["position_ids"], mask, pixel_values=batch["pixel_values"],
+                     image_grid_thw=batch["image_grid_thw"], gather_logits=True) for m in (plain, with_lora)]
+    assert torch.equal(outputs[0], outputs[1])
+
+    with pytest.raises(ValueError, match="lora_b"):
+        load_model_weights(with_lora, str(tmp_path / "converted"))  # strict without the allowance

@@ -10,10 +10,12 @@ from conftest import ROOT, read_json, run_torchrun
 MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
 COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.seq_length=256", "parallel.expert=1"]
 NO_AUX = ["model.lm.moe.aux_loss_coeff=0", "model.lm.moe.z_loss_coeff=0"]
+SHARED = ["model.lm.moe.shared_expert_ffn_hidden_size=96"]
 LAYOUTS = {
     "EP2-alltoall": (["parallel.expert=2"], []),
     "EP2-allgather": (["parallel.expert=2", "model.lm.moe.dispatcher=allgather"], []),
     "PP2": (["parallel.pipeline=2"], []),
+    "EP2-shared-expert": (["parallel.expert=2"], SHARED),
     # With TP, the router's auxiliary losses still differ from one process (see the issue
     # notes); the layout itself is checked with them switched off.
     "TP2-SP-EP2": (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"], NO_AUX),
@@ -27,10 +29,10 @@ LAYOUTS = {
 def references(tmp_path_factory):
     work = tmp_path_factory.mktemp("moe")
     results = {}
-    for name, extra in (("aux", []), ("no_aux", NO_AUX)):
-        out = work / f"single-{name}.json"
+    for index, extra in enumerate(([], NO_AUX, SHARED)):
+        out = work / f"single-{index}.json"
         run_torchrun(1, "train_layout.py", ["--config", str(MOE_CONFIG), "--set", *COMMON, *extra, "--out", str(out)])
-        results[name] = read_json(out)
+        results[tuple(extra)] = read_json(out)
     return work, results
 
 
@@ -39,7 +41,7 @@ def references(tmp_path_factory):
 def test_moe_layout_matches_single_process(references, name):
     work, single = references
     layout, extra = LAYOUTS[name]
-    reference = single["no_aux" if extra else "aux"]
+    reference = single[tuple(extra)]
     out = work / f"{name}.json"
     run_torchrun(2, "train_layout.py", ["--config", str(MOE_CONFIG), "--set", *COMMON, *extra, *layout, "--out", str(out)])
     result = read_json(out)

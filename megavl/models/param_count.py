@@ -9,13 +9,17 @@ from __future__ import annotations
 from megavl.config import Config
 
 
-def _attention_mlp_layer(hidden: int, heads: int, groups: int, ffn: int, qkv_bias: bool, linear_bias: bool, qk_norm: bool) -> int:
+def _attention_mlp_layer(
+    hidden: int, heads: int, groups: int, ffn: int, qkv_bias: bool, linear_bias: bool, qk_norm: bool,
+    norm_has_bias: bool = False, gated: bool = True,
+) -> int:
     head_dim = hidden // heads
     qkv_out = (heads + 2 * groups) * head_dim
-    count = 2 * hidden  # input and pre-MLP RMSNorm
+    count = 2 * hidden * (2 if norm_has_bias else 1)  # input and pre-MLP norms
     count += qkv_out * hidden + (qkv_out if qkv_bias else 0)
     count += heads * head_dim * hidden + (hidden if linear_bias else 0)
-    count += 2 * ffn * hidden + (2 * ffn if linear_bias else 0)  # gated fc1 (gate and up)
+    fc1_out = 2 * ffn if gated else ffn  # a gated fc1 holds gate and up
+    count += fc1_out * hidden + (fc1_out if linear_bias else 0)
     count += ffn * hidden + (hidden if linear_bias else 0)
     if qk_norm:
         count += 2 * head_dim
@@ -28,10 +32,12 @@ def parameter_counts(config: Config) -> dict[str, int]:
     vision = v.hidden_size * patch + v.num_layers * _attention_mlp_layer(
         v.hidden_size, v.num_attention_heads, v.num_attention_heads, v.ffn_hidden_size,
         qkv_bias=True, linear_bias=True, qk_norm=False,
+        norm_has_bias=v.norm == "layernorm", gated=v.mlp == "swiglu",
     )
     merged = v.hidden_size * v.spatial_merge_size**2
     adapter_ffn = a.ffn_hidden_size or merged
-    adapter = v.hidden_size + merged * adapter_ffn + adapter_ffn + adapter_ffn * lm.hidden_size + lm.hidden_size
+    adapter_norm = v.hidden_size * (2 if v.norm == "layernorm" else 1)
+    adapter = adapter_norm + merged * adapter_ffn + adapter_ffn + adapter_ffn * lm.hidden_size + lm.hidden_size
     language = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2) + lm.hidden_size
     moe = lm.moe
     h = lm.hidden_size

@@ -62,7 +62,7 @@ def _moe_spec(linears: MLPSubmodules, shared_expert: bool, vision_lora: bool = F
                 submodules=_local_linears(vision_lora) if vision_lora else linears,
             ),
             shared_experts=(
-                ModuleSpec(module=SharedExpertMLP, params={"gate": False}, submodules=linears)
+                ModuleSpec(module=SharedExpertMLP, submodules=linears)
                 if shared_expert
                 else None
             ),

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megavl.config import Config, config_to_dict
@@ -226,9 +226,35 @@ def save_model_weights(model, directory: str) -> None:
     dist_checkpointing.save({"model": model.sharded_state_dict()}, directory)
 
 
-def load_model_weights(model, directory: str) -> None:
+def load_model_weights(model, directory: str, allow_fresh_adapters: bool = False) -> list[str]:
+    """Loads weights only. Returns the names of vision adapters that started fresh.
+
+    With allow_fresh_adapters, vision-LoRA tensors the checkpoint lacks (a model
+    converted from Hugging Face has none) keep their initial values, which
+    leave the model's outputs unchanged; every other tensor must be present.
+    """
     folder = latest_checkpoint(directory)
     if folder is None:
         raise FileNotFoundError(f"{directory!r} is not a megavl (dist_checkpointing) checkpoint")
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, folder)
-    model.load_state_dict(state["model"], strict=True)
+    sharded = model.sharded_state_dict()
+    saved = set(dist_checkpointing.load_tensors_metadata(folder))
+    absent = [
+        name for name, item in sharded.items()
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and item.key not in saved
+    ]
+    fresh = [name for name in absent if allow_fresh_adapters and name.endswith(("lora_a", "lora_b"))]
+    missing = sorted(set(absent) - set(fresh))
+    if missing:
+        hint = (" (vision adapters can start fresh: load it with checkpoint.pretrained)"
+                if all(name.endswith(("lora_a", "lora_b")) for name in missing) else "")
+        raise ValueError(f"{folder} lacks {len(missing)} tensors the model needs{hint}: {missing[:20]}")
+    for name in fresh:
+        del sharded[name]
+    state = dist_checkpointing.load({"model": sharded}, folder)
+    result = model.load_state_dict(state["model"], strict=not fresh)
+    if fresh and (set(result.missing_keys) != set(fresh) or result.unexpected_keys):
+        raise RuntimeError(
+            f"loading {folder}: missing {sorted(set(result.missing_keys) - set(fresh))}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
+    return fresh
