@@ -47,34 +47,23 @@ def dry_run(config, world_size: int) -> None:
     print(f"LM parameters active per token: {active_language_model_parameters(config):,d}")
 
 
-def main() -> None:
-    from megavl.config import config_from_args
-    from megavl.platform.distributed import world_size_from_env
-
-    args = parse_args()
-    config = config_from_args(args)
-    if args.dry_run:
-        dry_run(config, args.world_size or world_size_from_env())
-    else:
-        train(config)
-
-
 def train(config) -> None:
     from megavl.data.distribute import StepBatches
     from megavl.data.loader import PackedDataStream
     from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
     from megavl.models.build import build_model, wrap_for_training
+    from megavl.models.moe import RouterStatistics
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect
+    from megavl.training import moe_metrics
     from megavl.training.checkpoint import (
         TrainState,
+        iteration_dir,
         latest_checkpoint,
         load_checkpoint,
         load_model_weights,
         save_checkpoint,
     )
-    from megavl.models.moe import RouterStatistics
-    from megavl.training import moe_metrics
     from megavl.training.metrics import MetricsWriter
     from megavl.training.optimizer import build_optimizer, build_scheduler
     from megavl.training.step import evaluate, num_microbatches, train_step
@@ -118,7 +107,7 @@ def train(config) -> None:
 
     # 5. Train.
     is_moe = config.model.lm.moe.num_experts > 0
-    checkpoint_dir = config.checkpoint.dir
+    checkpoint_dir, start_step, saved_step = config.checkpoint.dir, state.step, None
     while state.step < config.train.steps:
         started = time.monotonic()
         batches = train_data.next_step()
@@ -132,32 +121,34 @@ def train(config) -> None:
         state.consumed_microbatches += microbatches
         step_time = time.monotonic() - started
         stats = train_data.stats
-        metrics.log_step(state.step, {
-            "loss": result.loss,
-            "lr": result.lr,
-            "grad_norm": result.grad_norm,
-            "answer_tokens": result.answer_tokens,
-            "tokens": int(real_tokens),
-            "tokens_per_s": int(real_tokens) / step_time,
-            "packing_efficiency": stats.packing_efficiency,
-            "skipped_samples": sum(stats.skipped.values()),
-            "step_time": step_time,
-            **(moe_metrics.scalars(moe_stats) if moe_stats else {}),
-        })
-        if moe_stats:
+        log_now = state.step % config.logging.interval == 0 or state.step == config.train.steps
+        if log_now:
+            metrics.log_step(state.step, {
+                "loss": result.loss,
+                "lr": result.lr,
+                "grad_norm": result.grad_norm,
+                "answer_tokens": result.answer_tokens,
+                "tokens": int(real_tokens),
+                "tokens_per_s": int(real_tokens) / step_time,
+                "packing_efficiency": stats.packing_efficiency,
+                "skipped_samples": sum(stats.skipped.values()),
+                "step_time": step_time,
+                **(moe_metrics.scalars(moe_stats) if moe_stats else {}),
+            })
+        if moe_stats and log_now:
             metrics.log_record(state.step, {"moe": moe_stats})
-            if state.step % config.logging.interval == 0:
-                metrics.log_image("moe/expert_load", moe_metrics.expert_load_image(moe_stats), state.step)
+            metrics.log_image("moe/expert_load", moe_metrics.expert_load_image(moe_stats), state.step)
         if config.data.val_path and state.step % config.train.eval_interval == 0:
             metrics.log_eval(state.step, {"loss": evaluate(config, chunks, tokenizer, layout)})
         if checkpoint_dir and config.checkpoint.interval and state.step % config.checkpoint.interval == 0:
             save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state, train_data.state_dict())
+            saved_step = state.step
 
-    # 6. Final checkpoint and where everything is.
-    if checkpoint_dir and state.step > 0:
-        folder = save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state,
-                                 train_data.state_dict())
-        metrics.message(f"checkpoint: {os.path.abspath(folder)}")
+    # 6. Final checkpoint (unless the interval just wrote it) and where everything is.
+    if checkpoint_dir and state.step > start_step:
+        if saved_step != state.step:
+            save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state, train_data.state_dict())
+        metrics.message(f"checkpoint: {os.path.abspath(iteration_dir(checkpoint_dir, state.step))}")
     metrics.message(f"logs: {os.path.abspath(config.logging.dir)} (metrics.jsonl, tensorboard/)")
     metrics.close()
     shutdown()
@@ -167,6 +158,18 @@ def _data_parallel_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group()
+
+
+def main() -> None:
+    from megavl.config import config_from_args
+    from megavl.platform.distributed import world_size_from_env
+
+    args = parse_args()
+    config = config_from_args(args)
+    if args.dry_run:
+        dry_run(config, args.world_size or world_size_from_env())
+    else:
+        train(config)
 
 
 if __name__ == "__main__":
