@@ -2,6 +2,14 @@
 
     python tools/convert_from_hf.py --hf HF_FOLDER --out DIR [--tensor N --pipeline N] [--no-verify]
 
+A Qwen3-MoE language model (Qwen3MoeForCausalLM) is imported together with the
+vision tower and adapter of a Qwen2.5-VL folder (whose own LM is ignored):
+
+    python tools/convert_from_hf.py --hf QWEN3_MOE_FOLDER --vision-from QWEN2_5_VL_FOLDER --out DIR
+
+and verified part by part: the LM's logits on text against Qwen3MoeForCausalLM,
+the vision tower + adapter's image embeddings against the Qwen2.5-VL visual module.
+
 DIR receives a layout-free dist_checkpointing checkpoint (load it under any
 TP/PP layout), megavl_config.yaml (with the intended layout) and the source
 config.json as hf_config.json. Exit status: 0 done, 1 logits differ beyond the
@@ -18,6 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    parser.add_argument(
+        "--vision-from", help="Qwen2.5-VL folder giving the vision tower and adapter of a language-model-only --hf"
+    )
     parser.add_argument("--out", required=True, help="new or empty folder for the megavl checkpoint")
     parser.add_argument("--tensor", type=int, default=1, help="intended tensor-parallel size (checked, recorded)")
     parser.add_argument("--pipeline", type=int, default=1, help="intended pipeline-parallel size (checked, recorded)")
@@ -35,15 +46,17 @@ def main(argv=None) -> int:
 
     from megavl.config import ConfigError
     from megavl.convert import ConversionError, import_from_hf
+    from megavl.convert.pairing import import_pairing
     from megavl.platform.distributed import shutdown
 
     # Called from a process that already has a process group (e.g. tests), leave it up.
     owns_world = not dist.is_initialized()
     try:
-        result = import_from_hf(
-            args.hf, args.out, tensor=args.tensor, pipeline=args.pipeline,
-            verify=args.verify, tolerance=args.tolerance,
-        )
+        options = dict(tensor=args.tensor, pipeline=args.pipeline, verify=args.verify, tolerance=args.tolerance)
+        if args.vision_from:
+            result = import_pairing(args.hf, args.vision_from, args.out, **options)
+        else:
+            result = import_from_hf(args.hf, args.out, **options)
     except (ConversionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,11 @@ The result loads with transformers' from_pretrained. Models that the
 Hugging Face class cannot reproduce (e.g. model.lm.image_attention:
 bidirectional) are refused with the reasons. Exit status: 0 done, 1 logits
 differ beyond the tolerance, 2 the model cannot be exported.
+
+A model with a Qwen3-MoE language model (imported with --vision-from) exports
+its language model only, as a Qwen3MoeForCausalLM folder verified on text:
+
+    python tools/convert_to_hf.py --load DIR --out HF_FOLDER --language-model-only
 """
 
 import argparse
@@ -23,6 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="new or empty folder for the Hugging Face model")
     parser.add_argument("--tokenizer", help="tokenizer folder to save beside the model")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB")
+    parser.add_argument(
+        "--language-model-only", action="store_true",
+        help="write only the LM, as Qwen3MoeForCausalLM (no vision tower or adapter)",
+    )
     parser.add_argument("--architecture", help="Hugging Face architecture name (default: the one that fits)")
     parser.add_argument(
         "--verify", action=argparse.BooleanOptionalAction, default=None,
@@ -38,15 +47,21 @@ def main(argv=None) -> int:
 
     from megavl.config import ConfigError
     from megavl.convert import ConversionError, export_to_hf
+    from megavl.convert.pairing import export_language_model
     from megavl.platform.distributed import shutdown
 
     # Called from a process that already has a process group (e.g. tests), leave it up.
     owns_world = not dist.is_initialized()
     try:
-        result = export_to_hf(
-            args.load, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-            architecture=args.architecture, verify=args.verify, tolerance=args.tolerance,
-        )
+        if args.language_model_only:
+            result = export_language_model(
+                args.load, args.out, max_shard_size=args.max_shard_size, verify=args.verify, tolerance=args.tolerance,
+            )
+        else:
+            result = export_to_hf(
+                args.load, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                architecture=args.architecture, verify=args.verify, tolerance=args.tolerance,
+            )
     except (ConversionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

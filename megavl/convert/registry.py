@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from megavl.config import Config
 from megavl.convert.architecture import Architecture
-from megavl.convert.errors import UnsupportedArchitectureError, UnsupportedModelError
+from megavl.convert import qwen3_moe
+from megavl.convert.errors import ConversionError, UnsupportedArchitectureError, UnsupportedModelError
 from megavl.convert.qwen2_5_vl import Qwen2_5_VL
 from megavl.convert.qwen2_vl import Qwen2_VL
 
 ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (Qwen2_5_VL(), Qwen2_VL())}
+
+# Language models without a vision tower: they import only paired with the vision
+# tower of another checkpoint (megavl.convert.pairing), named by --vision-from.
+LANGUAGE_MODELS: dict[str, str] = {qwen3_moe.NAME: "Qwen2_5_VLForConditionalGeneration"}
 
 
 def architecture_for_hf(hf_config: dict, where: str) -> Architecture:
@@ -19,6 +24,13 @@ def architecture_for_hf(hf_config: dict, where: str) -> Architecture:
     for name in found:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
+    for name in found:
+        if name in LANGUAGE_MODELS:
+            raise ConversionError(
+                f"{where}: {name} is a language model without a vision tower; import it together with a "
+                f"{LANGUAGE_MODELS[name]} folder for the vision tower and adapter "
+                f"(tools/convert_from_hf.py --hf LM_DIR --vision-from VISION_DIR)"
+            )
     raise UnsupportedArchitectureError(found, list(ARCHITECTURES), where)
 
 

@@ -1,0 +1,217 @@
+"""A Qwen3-MoE language model paired with a Qwen2.5-VL vision tower <-> megavl: the LM's
+logits match Qwen3MoeForCausalLM (EP=1 here, EP=2 under torchrun), the vision tower +
+adapter match the Qwen2.5-VL visual module, the LM round trip is bit-identical, and
+inputs megavl cannot reproduce are refused with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import run_torchrun
+from workers.convert_tiny_models import copy_config_only, save_tiny_model
+from workers.convert_tiny_moe_models import save_tiny_qwen3_moe
+
+TOLERANCE = 1e-4
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _read_all(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+def _megavl_tensors(folder) -> dict[str, torch.Tensor]:
+    from megavl.convert.megavl_model import build_single_process_model, load_megavl_config, model_tensors
+    from megavl.training.checkpoint import load_model_weights
+
+    model = build_single_process_model(load_megavl_config(str(folder)))
+    load_model_weights(model, str(folder))
+    return {k: v.detach().clone() for k, v in model_tensors(model).items()}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    lm = save_tiny_qwen3_moe(str(root / "qwen3_moe"))
+    save_tiny_model("qwen2_5_vl", str(root / "qwen2_5_vl"))
+    return root / "qwen3_moe", root / "qwen2_5_vl", lm
+
+
+@pytest.fixture(scope="module")
+def imported(hf, megatron_world, tmp_path_factory):
+    from megavl.convert.pairing import import_pairing
+
+    out = tmp_path_factory.mktemp("megavl") / "ckpt"
+    result = import_pairing(str(hf[0]), str(hf[1]), str(out), verify=True, log=_quiet)
+    return out, result
+
+
+def test_import_reproduces_lm_logits_and_vision_embeddings(imported):
+    out, result = imported
+    check = result.verification
+    assert check.text_max_abs_diff <= TOLERANCE, check.describe()
+    assert check.vision_max_abs_diff <= TOLERANCE, check.describe()
+    lm = result.config.model.lm
+    assert (lm.moe.num_experts, lm.moe.top_k, lm.moe.ffn_hidden_size, lm.moe.dense_layers) == (4, 2, 40, [0])
+    assert lm.qk_layernorm and not lm.qkv_bias and lm.rope == "1d" and not lm.tie_embeddings
+    assert lm.image_attention == "causal"
+    assert (lm.vision_lora.mlp_rank, lm.vision_lora.attn_rank) == (0, 0)
+    text = (out / "megavl_config.yaml").read_text()
+    assert "image_attention: causal" in text and "Qwen3MoeForCausalLM" in text
+
+
+def test_tied_embeddings_import(hf, megatron_world, tmp_path):
+    from megavl.convert.pairing import import_pairing
+
+    save_tiny_qwen3_moe(str(tmp_path / "tied"), tie=True)
+    result = import_pairing(str(tmp_path / "tied"), str(hf[1]), str(tmp_path / "out"), verify=True, log=_quiet)
+    assert result.config.model.lm.tie_embeddings
+    assert result.verification.ok, result.verification.describe()
+
+
+def test_lm_round_trip_is_bit_identical_and_loads_in_transformers(hf, imported, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megavl.convert.pairing import export_language_model, import_pairing
+
+    lm_dir, vision_dir, original = hf
+    ckpt, _ = imported
+    exported = tmp_path / "hf_lm"
+    export = export_language_model(str(ckpt), str(exported), max_shard_size="100KB", verify=True, log=_quiet)
+    assert len(export.shards) > 1
+    assert export.verification.ok, export.verification.describe()
+
+    # Hugging Face -> megavl -> Hugging Face: every LM tensor and name unchanged.
+    before, after = _read_all(lm_dir), _read_all(exported)
+    assert sorted(before) == sorted(after)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+
+    # megavl -> Hugging Face -> megavl.
+    again = tmp_path / "ckpt_again"
+    import_pairing(str(exported), str(vision_dir), str(again), verify=False, log=_quiet)
+    first, second = _megavl_tensors(ckpt), _megavl_tensors(again)
+    assert sorted(first) == sorted(second)
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(str(exported), output_loading_info=True)
+    assert type(loaded).__name__ == "Qwen3MoeForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.tensor([[7, 30, 200, 11, 90, 401]])
+    assert torch.equal(original(input_ids=ids).logits, loaded.float()(input_ids=ids).logits)
+
+
+def _rewrite_lm(src, dst, edit_tensors=None, edit_config=None) -> None:
+    copy_config_only(src, dst)
+    tensors = _read_all(src)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    if edit_config:
+        path = os.path.join(dst, "config.json")
+        with open(path) as f:
+            data = json.load(f)
+        edit_config(data)
+        with open(path, "w") as f:
+            json.dump(data, f)
+
+
+def test_missing_expert_tensor_is_listed_by_name(hf, megatron_world, tmp_path):
+    from megavl.convert import TensorMismatchError
+    from megavl.convert.pairing import import_pairing
+
+    def edit(tensors):
+        del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
+
+    _rewrite_lm(hf[0], tmp_path / "bad", edit_tensors=edit)
+    with pytest.raises(TensorMismatchError) as error:
+        import_pairing(str(tmp_path / "bad"), str(hf[1]), str(tmp_path / "out"), verify=False, log=_quiet)
+    assert error.value.missing == ["model.layers.2.mlp.experts.3.up_proj.weight"]
+    assert "model.layers.2.mlp.experts.3.up_proj.weight" in str(error.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("norm_topk_prob", False, r"norm_topk_prob = false: .*moe_router_pre_softmax.*\(valid: true\)"),
+    ("attention_bias", True, r"attention_bias = true"),
+    ("hidden_size", 48, r"out_hidden_size = 64 .* must equal the Qwen3-MoE hidden_size = 48"),
+])
+def test_configs_megavl_cannot_reproduce_are_refused(hf, tmp_path, field, value, message):
+    from megavl.convert import ConversionError
+    from megavl.convert.pairing import import_pairing
+
+    def edit(data):
+        data[field] = value
+
+    _rewrite_lm(hf[0], tmp_path / "bad", edit_config=edit)
+    with pytest.raises(ConversionError, match=message):
+        import_pairing(str(tmp_path / "bad"), str(hf[1]), str(tmp_path / "out"), verify=False, log=_quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unnormalised_topk_really_differs_from_megavl_routing(hf):
+    """Why norm_topk_prob = false is refused: Hugging Face's outputs change with it."""
+    from transformers import Qwen3MoeForCausalLM
+
+    original = hf[2]
+    config = original.config.__class__.from_dict({**original.config.to_dict(), "norm_topk_prob": False})
+    unnormalised = Qwen3MoeForCausalLM(config)
+    unnormalised.load_state_dict(original.state_dict())
+    ids = torch.tensor([[7, 30, 200, 11]])
+    assert not torch.allclose(original(input_ids=ids).logits, unnormalised.eval()(input_ids=ids).logits, atol=1e-4)
+
+
+def test_cli_needs_vision_from_for_a_language_model(hf, tmp_path, capsys):
+    from tools.convert_from_hf import main
+
+    assert main(["--hf", str(hf[0]), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Qwen3MoeForCausalLM is a language model without a vision tower" in err and "--vision-from" in err
+
+
+def test_cli_imports_the_pair_and_exports_the_lm(hf, megatron_world, tmp_path):
+    from tools.convert_from_hf import main as import_main
+    from tools.convert_to_hf import main as export_main
+
+    ckpt = tmp_path / "ckpt"
+    assert import_main(["--hf", str(hf[0]), "--vision-from", str(hf[1]), "--out", str(ckpt), "--no-verify"]) == 0
+    assert (ckpt / "hf_vision_config.json").is_file()
+    export_args = ["--load", str(ckpt), "--out", str(tmp_path / "lm"), "--language-model-only", "--no-verify"]
+    assert export_main(export_args) == 0
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+
+
+def test_whole_model_export_refuses_the_moe_lm(imported, tmp_path):
+    from megavl.convert import UnsupportedModelError, export_to_hf
+
+    with pytest.raises(UnsupportedModelError, match=r"moe.num_experts = 4"):
+        export_to_hf(str(imported[0]), str(tmp_path / "out"), log=_quiet)
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
+    from megavl.convert.verify import reserved_token_ids
+    from megavl.convert.verify_pairing import hf_text_logits, text_batch
+
+    ckpt, result = imported
+    run_torchrun(2, "convert_moe_logits.py", [
+        "--load", str(ckpt), "--set", "parallel.expert=2", "--out", str(tmp_path / "ep2.pt"),
+    ])
+    ep2 = torch.load(tmp_path / "ep2.pt", weights_only=True)
+    reserved = set()
+    for name in ("hf_config.json", "hf_vision_config.json"):
+        reserved |= reserved_token_ids(json.loads((ckpt / name).read_text()))
+    reference = hf_text_logits(hf[2], text_batch(result.config, reserved))
+    assert ep2.shape == reference.shape
+    assert (ep2 - reference).abs().max().item() <= TOLERANCE
