@@ -9,19 +9,23 @@ from conftest import ROOT, read_json, run_torchrun
 
 MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
 COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.seq_length=256", "parallel.expert=1"]
-NO_AUX = ["model.lm.moe.aux_loss_coeff=0", "model.lm.moe.z_loss_coeff=0"]
 SHARED = ["model.lm.moe.shared_expert_ffn_hidden_size=96"]
+NO_LORA = ["model.lm.vision_lora.mlp_rank=0", "model.lm.vision_lora.attn_rank=0"]
 LAYOUTS = {
     "EP2-alltoall": (["parallel.expert=2"], []),
     "EP2-allgather": (["parallel.expert=2", "model.lm.moe.dispatcher=allgather"], []),
     "PP2": (["parallel.pipeline=2"], []),
     "EP2-shared-expert": (["parallel.expert=2"], SHARED),
-    # With TP, the router's auxiliary losses still differ from one process (see the issue
-    # notes); the layout itself is checked with them switched off.
-    "TP2-SP-EP2": (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"], NO_AUX),
+    # Without EP every TP rank holds whole experts (expert_tensor = 1) that compute only its
+    # slice of the sequence: their gradients must be summed over the TP ranks.
+    "TP2-SP": (["parallel.tensor=2", "parallel.sequence_parallel=true"], []),
+    "TP2-SP-no-lora": (["parallel.tensor=2", "parallel.sequence_parallel=true"], NO_LORA),
+    # With sequence parallelism each TP rank routes half the sequence: the router's
+    # load-balancing and z losses must still add up to one process's.
+    "TP2-SP-EP2": (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"], []),
     "TP2-SP-EP2-allgather": (
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
-         "model.lm.moe.dispatcher=allgather"], NO_AUX),
+         "model.lm.moe.dispatcher=allgather"], []),
 }
 
 
@@ -29,7 +33,7 @@ LAYOUTS = {
 def references(tmp_path_factory):
     work = tmp_path_factory.mktemp("moe")
     results = {}
-    for index, extra in enumerate(([], NO_AUX, SHARED)):
+    for index, extra in enumerate(([], SHARED, NO_LORA)):
         out = work / f"single-{index}.json"
         run_torchrun(1, "train_layout.py", ["--config", str(MOE_CONFIG), "--set", *COMMON, *extra, "--out", str(out)])
         results[tuple(extra)] = read_json(out)

@@ -3,6 +3,9 @@
 ``VisionAwareMoELayer`` / ``VisionAwareSequentialMLP`` carry each token's
 vision flag to the expert that computes it (for vision-only LoRA).
 
+``MegavlSequentialMLP`` has DDP sum the experts' gradients over every rank
+that holds a copy of them, also without expert parallelism.
+
 ``MegavlRouter`` adds two things to ``TopKRouter``:
 
 * With sequence parallelism each tensor-parallel rank routes a slice of the
@@ -151,7 +154,33 @@ class VisionAwareMoELayer(MoELayer):
         return output
 
 
-class VisionAwareSequentialMLP(SequentialMLP):
+class MegavlSequentialMLP(SequentialMLP):
+    """megatron's local experts, with their gradients reduced over every rank that holds a copy.
+
+    megatron marks expert weights for the expert data-parallel reduction only
+    under expert parallelism (``allreduce = False`` when EP > 1); otherwise DDP
+    treats them as dense weights and reduces them over the dense data-parallel
+    group alone. With EP = 1 and an expert tensor size below the TP size (the
+    default ``expert_tensor = 1`` with TP = 2), every TP rank holds whole
+    experts, but with sequence parallelism each rank's experts compute only the
+    tokens of its own slice of the sequence, so each rank's gradient is a
+    partial sum that the dense reduction never adds up: the replicas on the TP
+    ranks then step with different gradients and drift apart. The expert
+    data-parallel group spans exactly the ranks with a copy of these experts
+    (TP and DP ranks alike), so marking the weights as expert weights makes DDP
+    sum them there and the optimizer treat them like megatron's EP > 1 experts.
+    When the expert tensor size equals the TP size (as at TP = 1 with the
+    default expert_tensor = 1) the two groups coincide and nothing changes.
+    """
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        if pg_collection is not None and pg_collection.expt_tp.size() != pg_collection.tp.size():
+            for param in self.parameters():
+                param.allreduce = False
+
+
+class VisionAwareSequentialMLP(MegavlSequentialMLP):
     """Local experts that strip the vision-flag column and tell their LoRA linears which rows are vision."""
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):

@@ -15,14 +15,18 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megavl.attention.core_attention import core_attention_class
-from megavl.models.moe import MegavlRouter, VisionAwareMoELayer, VisionAwareSequentialMLP
+from megavl.models.moe import (
+    MegavlRouter,
+    MegavlSequentialMLP,
+    VisionAwareMoELayer,
+    VisionAwareSequentialMLP,
+)
 from megavl.models.vision_lora import (
     VisionLoRAColumnParallelLinear,
     VisionLoRAGatedColumnParallelLinear,
@@ -58,7 +62,7 @@ def _moe_spec(linears: MLPSubmodules, shared_expert: bool, vision_lora: bool = F
         submodules=MoESubmodules(
             router=MegavlRouter,
             experts=ModuleSpec(
-                module=VisionAwareSequentialMLP if vision_lora else SequentialMLP,
+                module=VisionAwareSequentialMLP if vision_lora else MegavlSequentialMLP,
                 submodules=_local_linears(vision_lora) if vision_lora else linears,
             ),
             shared_experts=(
