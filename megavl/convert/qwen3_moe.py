@@ -26,6 +26,7 @@ import dataclasses
 from typing import Optional
 
 from megavl.config import Config, LMConfig, MoEConfig
+from megavl.convert import qwen_common as common
 from megavl.convert.mapping import QKV, Direct, GatedMLP, Mapping, MegavlOnly, Replicated
 
 NAME = "Qwen3MoeForCausalLM"
@@ -144,24 +145,12 @@ def lm_config(hf_config, image_token_id: int, problems: list[str]) -> LMConfig:
         )
     return dataclasses.replace(
         defaults,
-        num_layers=c.num_hidden_layers,
-        hidden_size=c.hidden_size,
-        num_attention_heads=c.num_attention_heads,
-        num_query_groups=c.num_key_value_heads or c.num_attention_heads,
-        ffn_hidden_size=c.intermediate_size,
-        vocab_size=c.vocab_size,
+        **common.hf_lm_shape(c, rope, bool(c.tie_word_embeddings), image_token_id),
         qkv_bias=False,
         qk_layernorm=True,
         # Qwen3 rotates by one position per token; "1d" reproduces it for every input.
         rope="1d",
-        rope_theta=float(rope.get("rope_theta", defaults.rope_theta)),
-        tie_embeddings=bool(c.tie_word_embeddings),
-        norm_eps=float(c.rms_norm_eps),
-        max_position_embeddings=c.max_position_embeddings,
-        image_attention="causal",
-        image_token_id=image_token_id,
         moe=moe,
-        vision_lora=dataclasses.replace(defaults.vision_lora, mlp_rank=0, attn_rank=0),
     )
 
 

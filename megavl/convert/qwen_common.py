@@ -113,29 +113,37 @@ def lm_config(hf_config, problems: list[str]) -> LMConfig:
     if not section:
         problems.append("text_config.rope_parameters.mrope_section is missing: megavl needs multimodal RoPE sections")
         section = LMConfig().mrope_section
-    defaults = LMConfig()
-    megavl_only = {}
-    if hasattr(defaults, "vision_lora"):
-        megavl_only["vision_lora"] = dataclasses.replace(defaults.vision_lora, mlp_rank=0, attn_rank=0)
     return dataclasses.replace(
-        defaults,
-        **megavl_only,
+        LMConfig(),
+        **hf_lm_shape(text, rope, bool(hf_config.tie_word_embeddings), hf_config.image_token_id),
+        qkv_bias=True,
+        qk_layernorm=False,
+        rope="mrope",
+        mrope_section=[int(x) for x in section],
+    )
+
+
+def hf_lm_shape(text, rope: dict, tie_embeddings: bool, image_token_id: int) -> dict:
+    """LMConfig fields every Qwen text config gives the same way.
+
+    The imported model attends causally over images and has no vision adapters,
+    as the Hugging Face model it reproduces.
+    """
+    defaults = LMConfig()
+    return dict(
         num_layers=text.num_hidden_layers,
         hidden_size=text.hidden_size,
         num_attention_heads=text.num_attention_heads,
         num_query_groups=text.num_key_value_heads or text.num_attention_heads,
         ffn_hidden_size=text.intermediate_size,
         vocab_size=text.vocab_size,
-        qkv_bias=True,
-        qk_layernorm=False,
-        rope="mrope",
-        mrope_section=[int(x) for x in section],
-        rope_theta=float(rope.get("rope_theta", LMConfig().rope_theta)),
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
+        rope_theta=float(rope.get("rope_theta", defaults.rope_theta)),
+        tie_embeddings=tie_embeddings,
         norm_eps=float(text.rms_norm_eps),
         max_position_embeddings=text.max_position_embeddings,
         image_attention="causal",
-        image_token_id=hf_config.image_token_id,
+        image_token_id=image_token_id,
+        vision_lora=dataclasses.replace(defaults.vision_lora, mlp_rank=0, attn_rank=0),
     )
 
 
