@@ -18,17 +18,18 @@ from typing import Sequence
 
 from megavl.config import Config
 from megavl.data.batch import IGNORE_INDEX, ImagePatches, Sample
+from megavl.data.tokenizer import (
+    DEFAULT_SYSTEM_PROMPT,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    IMAGE_PLACEHOLDER,
+    VISION_END,
+    VISION_START,
+)
+from megavl.data.tokenizer import ENDOFTEXT as PAD_TOKEN
 
-IMAGE_PLACEHOLDER = "<image>"
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
-
-PAD_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-IMAGE_PAD = "<|image_pad|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
 
 
 def special_token_id(tokenizer, token: str) -> int:
