@@ -10,9 +10,10 @@ import torch
 from megavl.config import Config
 from megavl.data.batch import IGNORE_INDEX, ImagePatches, Sample, collate_rows, pack_row
 from megavl.data.image_patches import image_to_patches
+from megavl.data.tokenizer import SPECIAL_TOKENS
 
-# Token ids below this are reserved for special tokens in random samples.
-_FIRST_TEXT_ID = 8
+# Random text never uses the tokenizer's special tokens (ids 0..11).
+_FIRST_TEXT_ID = len(SPECIAL_TOKENS)
 
 
 def random_image(rng: random.Random, config: Config, sides: Sequence[int]) -> ImagePatches:

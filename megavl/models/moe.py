@@ -188,7 +188,9 @@ class VisionAwareSequentialMLP(MegavlSequentialMLP):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         from megavl.models.vision_lora import expert_rows
 
-        hidden = permuted_local_hidden_states[..., :-1]
+        # Contiguous like the tensor experts get without the flag column, so the
+        # same kernels run and a fresh adapter leaves outputs bit-identical.
+        hidden = permuted_local_hidden_states[..., :-1].contiguous()
         flags = permuted_local_hidden_states[..., -1] > 0.5
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
         outputs = []

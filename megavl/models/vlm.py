@@ -114,13 +114,16 @@ class VisionLanguageModel(MegatronModule):
         image_slots = tokens == self.image_token_id
         has_images = image_grid_thw is not None and len(image_grid_thw) > 0
         if has_images:
-            image_embeds = self.adapter(self.vision(pixel_values, image_grid_thw))
-            if image_embeds.shape[0] != int(image_slots.sum()):
+            # Checked before the encoder runs: a mismatch would otherwise cost a whole ViT pass.
+            merge = self.vision.vision.spatial_merge_size
+            expected = int(image_grid_thw.prod(dim=-1).sum()) // (merge * merge)
+            if expected != int(image_slots.sum()):
                 raise ValueError(
                     f"the batch has {int(image_slots.sum())} image-pad tokens (id {self.image_token_id}) "
-                    f"but its images give {image_embeds.shape[0]} embeddings "
+                    f"but its images give {expected} embeddings "
                     f"(grid_thw={image_grid_thw.tolist()}); each image needs t*h*w/merge^2 pad tokens"
                 )
+            image_embeds = self.adapter(self.vision(pixel_values, image_grid_thw))
             hidden = hidden.masked_scatter(image_slots[..., None], image_embeds.to(hidden.dtype))
         elif bool(image_slots.any()):
             raise ValueError(
