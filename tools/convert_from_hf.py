@@ -42,31 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch.distributed as dist
-
-    from megavl.config import ConfigError
-    from megavl.convert import ConversionError, import_from_hf
+    from megavl.convert import import_from_hf
+    from megavl.convert.cli import run_conversion
     from megavl.convert.pairing import import_pairing
-    from megavl.platform.distributed import shutdown
 
-    # Called from a process that already has a process group (e.g. tests), leave it up.
-    owns_world = not dist.is_initialized()
-    try:
-        options = dict(tensor=args.tensor, pipeline=args.pipeline, verify=args.verify, tolerance=args.tolerance)
-        if args.vision_from:
-            result = import_pairing(args.hf, args.vision_from, args.out, **options)
-        else:
-            result = import_from_hf(args.hf, args.out, **options)
-    except (ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_world:
-            shutdown()
-    if result.verification is not None and not result.verification.ok:
-        print(f"error: {result.verification.describe()}", file=sys.stderr)
-        return 1
-    return 0
+    options = dict(tensor=args.tensor, pipeline=args.pipeline, verify=args.verify, tolerance=args.tolerance)
+    if args.vision_from:
+        return run_conversion(lambda: import_pairing(args.hf, args.vision_from, args.out, **options))
+    return run_conversion(lambda: import_from_hf(args.hf, args.out, **options))
 
 
 if __name__ == "__main__":

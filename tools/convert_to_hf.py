@@ -43,35 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch.distributed as dist
-
-    from megavl.config import ConfigError
-    from megavl.convert import ConversionError, export_to_hf
+    from megavl.convert import export_to_hf
+    from megavl.convert.cli import run_conversion
     from megavl.convert.pairing import export_language_model
-    from megavl.platform.distributed import shutdown
 
-    # Called from a process that already has a process group (e.g. tests), leave it up.
-    owns_world = not dist.is_initialized()
-    try:
-        if args.language_model_only:
-            result = export_language_model(
-                args.load, args.out, max_shard_size=args.max_shard_size, verify=args.verify, tolerance=args.tolerance,
-            )
-        else:
-            result = export_to_hf(
-                args.load, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-                architecture=args.architecture, verify=args.verify, tolerance=args.tolerance,
-            )
-    except (ConversionError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_world:
-            shutdown()
-    if result.verification is not None and not result.verification.ok:
-        print(f"error: {result.verification.describe()}", file=sys.stderr)
-        return 1
-    return 0
+    if args.language_model_only:
+        return run_conversion(lambda: export_language_model(
+            args.load, args.out, max_shard_size=args.max_shard_size, verify=args.verify, tolerance=args.tolerance,
+        ))
+    return run_conversion(lambda: export_to_hf(
+        args.load, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+        architecture=args.architecture, verify=args.verify, tolerance=args.tolerance,
+    ))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from megavl.convert.verify import (
 
 # Small shards bound the memory the writer holds beside the model.
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-_HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -91,7 +91,7 @@ def export_to_hf(
     base = read_json(source) if os.path.isfile(source) else None
     token_ids = qwen_common.tokenizer_token_ids(tok) if tok is not None else {}
     hf_config = arch.hf_config(config, token_ids, base)
-    hf_config.dtype = _HF_DTYPES[config.train.dtype]
+    hf_config.dtype = HF_DTYPES[config.train.dtype]
 
     model = build_single_process_model(config)
     load_model_weights(model, load_dir)

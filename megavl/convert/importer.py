@@ -51,7 +51,7 @@ class ImportResult:
     verification: Optional[VerifyResult] = None
 
 
-def _check_layout(config: Config, tensor: int, pipeline: int) -> None:
+def check_layout(config: Config, tensor: int, pipeline: int) -> None:
     config.parallel.tensor = tensor
     config.parallel.pipeline = pipeline
     try:
@@ -82,6 +82,34 @@ def plan_import(table: MappingTable, megavl: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
+def write_converted_checkpoint(
+    config: Config, table, checkpoint, where: str, out_dir: str, header: list[str]
+) -> int:
+    """Builds the megavl model, streams the mapped HF tensors into it, and writes the
+    weights and the commented YAML config to out_dir. Returns the number of tensors."""
+    from megavl.training.checkpoint import save_model_weights
+
+    model = build_single_process_model(config)
+    megavl = model_tensors(model)
+    for bound in plan_import(table, megavl, checkpoint, where):
+        values = bound.to_megavl([checkpoint.get(name) for name in bound.hf])
+        for name, value in zip(bound.megavl, values):
+            megavl[name].copy_(value)
+        del values
+    os.makedirs(out_dir, exist_ok=True)
+    save_model_weights(model, out_dir)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        for line in header:
+            f.write(f"# {line}\n")
+        f.write("# model.lm.image_attention is causal to reproduce the Hugging Face model.\n")
+        f.write(dump_config(config))
+    written = len(megavl)
+    del model, megavl
+    gc.collect()
+    return written
+
+
+@torch.no_grad()
 def import_from_hf(
     hf_dir: str,
     out_dir: str,
@@ -97,8 +125,6 @@ def import_from_hf(
     says whether the logits agree (callers decide what a failure means). Raises
     ConversionError for anything that prevents the conversion.
     """
-    from megavl.training.checkpoint import save_model_weights
-
     hf_json = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_json, os.path.join(hf_dir, CONFIG_NAME))
     try:
@@ -106,7 +132,7 @@ def import_from_hf(
     except Exception as e:  # transformers' own validation, whatever it raises
         raise ConversionError(f"{os.path.join(hf_dir, CONFIG_NAME)}: transformers rejects it: {e}") from e
     config, notes = arch.megavl_config(hf_config, read_preprocessor_config(hf_dir))
-    _check_layout(config, tensor, pipeline)
+    check_layout(config, tensor, pipeline)
     check_new_folder(out_dir, "--out")
 
     checkpoint = SafetensorsCheckpoint(hf_dir, rename=arch.canonical_hf_name)
@@ -115,25 +141,13 @@ def import_from_hf(
     for note in notes:
         log(f"  note: {note}")
 
-    model = build_single_process_model(config)
-    megavl = model_tensors(model)
-    plan = plan_import(arch.table(config), megavl, checkpoint, f"Hugging Face checkpoint {hf_dir}")
-    for bound in plan:
-        values = bound.to_megavl([checkpoint.get(name) for name in bound.hf])
-        for name, value in zip(bound.megavl, values):
-            megavl[name].copy_(value)
-        del values
-    os.makedirs(out_dir, exist_ok=True)
-    save_model_weights(model, out_dir)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(f"# Converted from {arch.name} ({os.path.abspath(hf_dir)}).\n")
-        f.write("# model.lm.image_attention is causal to reproduce the Hugging Face model.\n")
-        f.write(dump_config(config))
+    written = write_converted_checkpoint(
+        config, arch.table(config), checkpoint, f"Hugging Face checkpoint {hf_dir}", out_dir,
+        header=[f"Converted from {arch.name} ({os.path.abspath(hf_dir)})."],
+    )
     shutil.copyfile(os.path.join(hf_dir, CONFIG_NAME), os.path.join(out_dir, SOURCE_HF_CONFIG))
-    log(f"import: wrote {len(megavl)} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline}) "
+    log(f"import: wrote {written} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline}) "
         f"and {CONFIG_FILE}")
-    del model, megavl, plan
-    gc.collect()
 
     result = ImportResult(arch.name, config, out_dir, num_parameters, notes)
     if verify is None:

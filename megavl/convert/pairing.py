@@ -20,10 +20,10 @@ from typing import Callable, Optional
 
 import torch
 
-from megavl.config import Config, dump_config
+from megavl.config import Config
 from megavl.convert import qwen2_5_vl, qwen3_moe, qwen_common
 from megavl.convert.errors import ConversionError, UnsupportedModelError
-from megavl.convert.exporter import _HF_DTYPES, DEFAULT_MAX_SHARD_SIZE, ExportResult
+from megavl.convert.exporter import HF_DTYPES, DEFAULT_MAX_SHARD_SIZE, ExportResult
 from megavl.convert.hf_io import (
     CONFIG_NAME,
     SafetensorsCheckpoint,
@@ -34,9 +34,9 @@ from megavl.convert.hf_io import (
     read_json,
     read_preprocessor_config,
 )
-from megavl.convert.importer import SOURCE_HF_CONFIG, ImportResult, _check_layout, plan_import
+from megavl.convert.importer import SOURCE_HF_CONFIG, ImportResult, check_layout, write_converted_checkpoint
 from megavl.convert.mapping import MappingTable
-from megavl.convert.megavl_model import CONFIG_FILE, build_single_process_model, load_megavl_config, model_tensors
+from megavl.convert.megavl_model import build_single_process_model, load_megavl_config, model_tensors
 from megavl.convert.verify import AUTO_VERIFY_MAX_PARAMS, DEFAULT_TOLERANCE, reserved_token_ids
 from megavl.convert.verify_pairing import verify_language_model, verify_pairing
 
@@ -138,13 +138,11 @@ def import_pairing(
 ) -> ImportResult:
     """Converts a Qwen3-MoE LM folder plus a Qwen2.5-VL folder (vision tower, adapter)
     into a megavl checkpoint in out_dir; see import_from_hf for the rest."""
-    from megavl.training.checkpoint import save_model_weights
-
     lm_json, lm_hf = _hf_config(lm_dir, qwen3_moe.NAME, qwen3_moe.config_class, "--hf")
     vision = qwen2_5_vl.Qwen2_5_VL()
     vision_json, vision_hf = _hf_config(vision_dir, vision.name, vision.config_class, "--vision-from")
     config, notes = paired_config(lm_hf, vision_hf, read_preprocessor_config(vision_dir))
-    _check_layout(config, tensor, pipeline)
+    check_layout(config, tensor, pipeline)
     check_new_folder(out_dir, "--out")
 
     checkpoint = PairedCheckpoint(
@@ -156,24 +154,14 @@ def import_pairing(
     for note in notes:
         log(f"  note: {note}")
 
-    model = build_single_process_model(config)
-    megavl = model_tensors(model)
-    where = f"Hugging Face checkpoints {lm_dir} + {vision_dir} (visual.*)"
-    for bound in plan_import(table(config), megavl, checkpoint, where):
-        for name, value in zip(bound.megavl, bound.to_megavl([checkpoint.get(n) for n in bound.hf])):
-            megavl[name].copy_(value)
-    os.makedirs(out_dir, exist_ok=True)
-    save_model_weights(model, out_dir)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(f"# Converted from {qwen3_moe.NAME} ({os.path.abspath(lm_dir)}) with the vision tower of\n")
-        f.write(f"# {vision.name} ({os.path.abspath(vision_dir)}).\n")
-        f.write("# model.lm.image_attention is causal to reproduce the Hugging Face models.\n")
-        f.write(dump_config(config))
+    written = write_converted_checkpoint(
+        config, table(config), checkpoint, f"Hugging Face checkpoints {lm_dir} + {vision_dir} (visual.*)", out_dir,
+        header=[f"Converted from {qwen3_moe.NAME} ({os.path.abspath(lm_dir)}) with the vision tower of",
+                f"{vision.name} ({os.path.abspath(vision_dir)})."],
+    )
     shutil.copyfile(os.path.join(lm_dir, CONFIG_NAME), os.path.join(out_dir, SOURCE_HF_CONFIG))
     shutil.copyfile(os.path.join(vision_dir, CONFIG_NAME), os.path.join(out_dir, SOURCE_VISION_CONFIG))
-    log(f"import: wrote {len(megavl)} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline})")
-    del model, megavl
-    gc.collect()
+    log(f"import: wrote {written} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline})")
 
     result = ImportResult(qwen3_moe.NAME, config, out_dir, num_parameters, notes)
     if verify is None:
@@ -218,7 +206,7 @@ def export_language_model(
     source = os.path.join(load_dir, SOURCE_HF_CONFIG)
     base = read_json(source) if os.path.isfile(source) else None
     hf_config = qwen3_moe.hf_config(config, base)
-    hf_config.dtype = _HF_DTYPES[config.train.dtype]
+    hf_config.dtype = HF_DTYPES[config.train.dtype]
 
     model = build_single_process_model(config)
     load_model_weights(model, load_dir, allow_fresh_adapters=True)
