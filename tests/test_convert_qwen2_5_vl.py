@@ -9,37 +9,15 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import run_torchrun
-from workers.convert_tiny_models import TOKENS, copy_config_only, edit_architectures, save_tiny_model
+from workers.convert_tiny_models import (
+    TOKENS, copy_config_only, edit_architectures, megavl_tensors, quiet, read_all_tensors, save_tiny_model,
+)
 
 KIND = "qwen2_5_vl"
 TOLERANCE = 1e-4
-
-
-def _quiet(message: str) -> None:
-    pass
-
-
-def _read_all(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face folder (tiny models only)."""
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
-
-
-def _megavl_tensors(folder) -> dict[str, torch.Tensor]:
-    from megavl.convert.megavl_model import build_single_process_model, load_megavl_config, model_tensors
-    from megavl.training.checkpoint import load_model_weights
-
-    model = build_single_process_model(load_megavl_config(str(folder)))
-    load_model_weights(model, str(folder))
-    return {k: v.detach().clone() for k, v in model_tensors(model).items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +32,7 @@ def imported(hf, megatron_world, tmp_path_factory):
     from megavl.convert import import_from_hf
 
     out = tmp_path_factory.mktemp("megavl") / "ckpt"
-    result = import_from_hf(str(hf[0]), str(out), verify=True, log=_quiet)
+    result = import_from_hf(str(hf[0]), str(out), verify=True, log=quiet)
     return out, result
 
 
@@ -106,20 +84,20 @@ def test_round_trips_are_bit_identical_and_export_loads_in_transformers(hf, impo
     ckpt, result = imported
     exported = tmp_path / "hf_out"
     # Small shards, so the export is sharded and the re-import reads an index.
-    export = export_to_hf(str(ckpt), str(exported), max_shard_size="150KB", verify=True, log=_quiet)
+    export = export_to_hf(str(ckpt), str(exported), max_shard_size="150KB", verify=True, log=quiet)
     assert len(export.shards) > 1
     assert export.verification.ok, export.verification.describe()
     assert (exported / "model.safetensors.index.json").is_file()
 
     # Hugging Face -> megavl -> Hugging Face: every tensor and name unchanged.
-    before, after = _read_all(hf_dir), _read_all(exported)
+    before, after = read_all_tensors(hf_dir), read_all_tensors(exported)
     assert sorted(before) == sorted(after)
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
 
     # megavl -> Hugging Face -> megavl.
     again = tmp_path / "ckpt_again"
-    import_from_hf(str(exported), str(again), verify=False, log=_quiet)
-    first, second = _megavl_tensors(ckpt), _megavl_tensors(again)
+    import_from_hf(str(exported), str(again), verify=False, log=quiet)
+    first, second = megavl_tensors(ckpt), megavl_tensors(again)
     assert sorted(first) == sorted(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -146,7 +124,7 @@ def test_export_reads_a_training_checkpoint_and_its_stored_config(imported, tmp_
     # A run's checkpoint: iter_* folder, `latest`, the config stored inside.
     save_checkpoint(str(root), config, model, None, None, TrainState(step=3), None)
     assert not (root / "megavl_config.yaml").exists()  # the config comes from the checkpoint itself
-    export = export_to_hf(str(root), str(tmp_path / "hf_out"), verify=True, log=_quiet)
+    export = export_to_hf(str(root), str(tmp_path / "hf_out"), verify=True, log=quiet)
     assert export.verification.ok, export.verification.describe()
 
 
@@ -180,7 +158,7 @@ def test_export_writes_tokenizer_and_a_matching_image_processor(imported, tmp_pa
 
 def _rewrite_checkpoint(src, dst, edit) -> None:
     copy_config_only(src, dst)
-    tensors = _read_all(src)
+    tensors = read_all_tensors(src)
     edit(tensors)
     save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
 
@@ -195,7 +173,7 @@ def test_missing_and_unexpected_tensors_are_listed_by_name(hf, megatron_world, t
 
     _rewrite_checkpoint(hf[0], tmp_path / "bad", edit)
     with pytest.raises(TensorMismatchError) as error:
-        import_from_hf(str(tmp_path / "bad"), str(tmp_path / "out"), verify=False, log=_quiet)
+        import_from_hf(str(tmp_path / "bad"), str(tmp_path / "out"), verify=False, log=quiet)
     assert error.value.missing == ["model.layers.1.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.bias"]
     assert error.value.unexpected == ["visual.blocks.9.attn.extra.weight"]
     message = str(error.value)
@@ -210,7 +188,7 @@ def test_wrong_shape_names_tensor_expected_and_actual(hf, megatron_world, tmp_pa
 
     _rewrite_checkpoint(hf[0], tmp_path / "bad", edit)
     with pytest.raises(TensorMismatchError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight: expected \[32, 64\], got \[31, 64\]"):
-        import_from_hf(str(tmp_path / "bad"), str(tmp_path / "out"), verify=False, log=_quiet)
+        import_from_hf(str(tmp_path / "bad"), str(tmp_path / "out"), verify=False, log=quiet)
 
 
 def test_wrong_architecture_names_found_and_supported(hf, tmp_path, capsys):
@@ -229,7 +207,7 @@ def test_a_layout_the_model_cannot_be_split_into_is_refused(hf, tmp_path):
     from megavl.convert import ConversionError, import_from_hf
 
     with pytest.raises(ConversionError, match=r"(?s)--tensor 4.*num_query_groups = 2: must be divisible by parallel.tensor \(4\)"):
-        import_from_hf(str(hf[0]), str(tmp_path / "out"), tensor=4, verify=False, log=_quiet)
+        import_from_hf(str(hf[0]), str(tmp_path / "out"), tensor=4, verify=False, log=quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -241,7 +219,7 @@ def test_export_refuses_bidirectional_image_attention(imported, tmp_path):
     yaml_path = ckpt / "megavl_config.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("image_attention: causal", "image_attention: bidirectional"))
     with pytest.raises(UnsupportedModelError, match=r"image_attention = bidirectional: .*attends causally.*remote-code"):
-        export_to_hf(str(ckpt), str(tmp_path / "out"), log=_quiet)
+        export_to_hf(str(ckpt), str(tmp_path / "out"), log=quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -270,13 +248,13 @@ def test_export_leaves_out_disabled_vision_lora_and_refuses_active_one(imported,
     from megavl.convert import UnsupportedModelError, export_to_hf
 
     _checkpoint_with_vision_lora(imported, tmp_path / "disabled", enabled=False)
-    export = export_to_hf(str(tmp_path / "disabled"), str(tmp_path / "hf_out"), verify=True, log=_quiet)
+    export = export_to_hf(str(tmp_path / "disabled"), str(tmp_path / "hf_out"), verify=True, log=quiet)
     assert export.verification.ok, export.verification.describe()
-    assert not any("lora" in name for name in _read_all(tmp_path / "hf_out"))
+    assert not any("lora" in name for name in read_all_tensors(tmp_path / "hf_out"))
 
     _checkpoint_with_vision_lora(imported, tmp_path / "active", enabled=True)
     with pytest.raises(UnsupportedModelError, match=r"vision_lora: mlp_rank = 4, attn_rank = 2.*remote-code"):
-        export_to_hf(str(tmp_path / "active"), str(tmp_path / "hf_active"), log=_quiet)
+        export_to_hf(str(tmp_path / "active"), str(tmp_path / "hf_active"), log=quiet)
 
 
 @pytest.mark.slow

@@ -9,27 +9,15 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import run_torchrun
-from workers.convert_tiny_models import TOKENS, copy_config_only, save_tiny_model
+from workers.convert_tiny_models import (
+    TOKENS, copy_config_only, quiet, read_all_tensors, save_tiny_model,
+)
 
 KIND = "qwen2_vl"
 TOLERANCE = 1e-4
-
-
-def _quiet(message: str) -> None:
-    pass
-
-
-def _read_all(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def imported(hf, megatron_world, tmp_path_factory):
     from megavl.convert import import_from_hf
 
     out = tmp_path_factory.mktemp("megavl") / "ckpt"
-    result = import_from_hf(str(hf[0]), str(out), tensor=2, verify=True, log=_quiet)
+    result = import_from_hf(str(hf[0]), str(out), tensor=2, verify=True, log=quiet)
     return out, result
 
 
@@ -88,10 +76,10 @@ def test_round_trips_are_bit_identical_with_tied_embeddings(hf, imported, tmp_pa
     hf_dir, _ = hf
     ckpt, _ = imported
     exported = tmp_path / "hf_out"
-    export = export_to_hf(str(ckpt), str(exported), verify=True, log=_quiet)
+    export = export_to_hf(str(ckpt), str(exported), verify=True, log=quiet)
     assert export.architecture == "Qwen2VLForConditionalGeneration"
     assert export.verification.ok, export.verification.describe()
-    before, after = _read_all(hf_dir), _read_all(exported)
+    before, after = read_all_tensors(hf_dir), read_all_tensors(exported)
     assert "lm_head.weight" not in after  # tied: the embedding serves as the head
     assert sorted(k for k in before if k != "lm_head.weight") == sorted(after)
     assert all(torch.equal(before[k], after[k]) for k in after)
@@ -103,7 +91,7 @@ def test_round_trips_are_bit_identical_with_tied_embeddings(hf, imported, tmp_pa
     assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
 
     again = tmp_path / "ckpt_again"
-    import_from_hf(str(exported), str(again), verify=False, log=_quiet)
+    import_from_hf(str(exported), str(again), verify=False, log=quiet)
     tensors = []
     for folder in (ckpt, again):
         model = build_single_process_model(load_megavl_config(str(folder)))
@@ -118,11 +106,11 @@ def test_missing_layernorm_bias_is_listed(hf, megatron_world, tmp_path):
 
     bad = tmp_path / "bad"
     copy_config_only(hf[0], bad)
-    tensors = _read_all(hf[0])
+    tensors = read_all_tensors(hf[0])
     del tensors["visual.blocks.1.norm2.bias"], tensors["visual.merger.ln_q.bias"]
     save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(TensorMismatchError) as error:
-        import_from_hf(str(bad), str(tmp_path / "out"), verify=False, log=_quiet)
+        import_from_hf(str(bad), str(tmp_path / "out"), verify=False, log=quiet)
     assert error.value.missing == ["visual.blocks.1.norm2.bias", "visual.merger.ln_q.bias"]
 
 
@@ -134,7 +122,7 @@ def test_export_refuses_window_attention_with_every_architectures_reasons(import
     yaml_path = ckpt / "megavl_config.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("full_attention_layers: [0, 1]", "full_attention_layers: [1]"))
     with pytest.raises(UnsupportedModelError) as error:
-        export_to_hf(str(ckpt), str(tmp_path / "out"), log=_quiet)
+        export_to_hf(str(ckpt), str(tmp_path / "out"), log=quiet)
     message = str(error.value)
     assert "Qwen2-VL has no window attention, but layers [0] would use windows" in message
     assert "Qwen2.5-VL's vision tower uses rmsnorm" in message

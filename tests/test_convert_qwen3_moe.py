@@ -10,36 +10,15 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import run_torchrun
-from workers.convert_tiny_models import copy_config_only, save_tiny_model
+from workers.convert_tiny_models import (
+    copy_config_only, megavl_tensors, quiet, read_all_tensors, save_tiny_model,
+)
 from workers.convert_tiny_moe_models import save_tiny_qwen3_moe
 
 TOLERANCE = 1e-4
-
-
-def _quiet(message: str) -> None:
-    pass
-
-
-def _read_all(folder) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
-    return tensors
-
-
-def _megavl_tensors(folder) -> dict[str, torch.Tensor]:
-    from megavl.convert.megavl_model import build_single_process_model, load_megavl_config, model_tensors
-    from megavl.training.checkpoint import load_model_weights
-
-    model = build_single_process_model(load_megavl_config(str(folder)))
-    load_model_weights(model, str(folder))
-    return {k: v.detach().clone() for k, v in model_tensors(model).items()}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +34,7 @@ def imported(hf, megatron_world, tmp_path_factory):
     from megavl.convert.pairing import import_pairing
 
     out = tmp_path_factory.mktemp("megavl") / "ckpt"
-    result = import_pairing(str(hf[0]), str(hf[1]), str(out), verify=True, log=_quiet)
+    result = import_pairing(str(hf[0]), str(hf[1]), str(out), verify=True, log=quiet)
     return out, result
 
 
@@ -77,7 +56,7 @@ def test_tied_embeddings_import(hf, megatron_world, tmp_path):
     from megavl.convert.pairing import import_pairing
 
     save_tiny_qwen3_moe(str(tmp_path / "tied"), tie=True)
-    result = import_pairing(str(tmp_path / "tied"), str(hf[1]), str(tmp_path / "out"), verify=True, log=_quiet)
+    result = import_pairing(str(tmp_path / "tied"), str(hf[1]), str(tmp_path / "out"), verify=True, log=quiet)
     assert result.config.model.lm.tie_embeddings
     assert result.verification.ok, result.verification.describe()
 
@@ -90,19 +69,19 @@ def test_lm_round_trip_is_bit_identical_and_loads_in_transformers(hf, imported, 
     lm_dir, vision_dir, original = hf
     ckpt, _ = imported
     exported = tmp_path / "hf_lm"
-    export = export_language_model(str(ckpt), str(exported), max_shard_size="100KB", verify=True, log=_quiet)
+    export = export_language_model(str(ckpt), str(exported), max_shard_size="100KB", verify=True, log=quiet)
     assert len(export.shards) > 1
     assert export.verification.ok, export.verification.describe()
 
     # Hugging Face -> megavl -> Hugging Face: every LM tensor and name unchanged.
-    before, after = _read_all(lm_dir), _read_all(exported)
+    before, after = read_all_tensors(lm_dir), read_all_tensors(exported)
     assert sorted(before) == sorted(after)
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
 
     # megavl -> Hugging Face -> megavl.
     again = tmp_path / "ckpt_again"
-    import_pairing(str(exported), str(vision_dir), str(again), verify=False, log=_quiet)
-    first, second = _megavl_tensors(ckpt), _megavl_tensors(again)
+    import_pairing(str(exported), str(vision_dir), str(again), verify=False, log=quiet)
+    first, second = megavl_tensors(ckpt), megavl_tensors(again)
     assert sorted(first) == sorted(second)
     assert [k for k in first if not torch.equal(first[k], second[k])] == []
 
@@ -115,7 +94,7 @@ def test_lm_round_trip_is_bit_identical_and_loads_in_transformers(hf, imported, 
 
 def _rewrite_lm(src, dst, edit_tensors=None, edit_config=None) -> None:
     copy_config_only(src, dst)
-    tensors = _read_all(src)
+    tensors = read_all_tensors(src)
     if edit_tensors:
         edit_tensors(tensors)
     save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
@@ -137,7 +116,7 @@ def test_missing_expert_tensor_is_listed_by_name(hf, megatron_world, tmp_path):
 
     _rewrite_lm(hf[0], tmp_path / "bad", edit_tensors=edit)
     with pytest.raises(TensorMismatchError) as error:
-        import_pairing(str(tmp_path / "bad"), str(hf[1]), str(tmp_path / "out"), verify=False, log=_quiet)
+        import_pairing(str(tmp_path / "bad"), str(hf[1]), str(tmp_path / "out"), verify=False, log=quiet)
     assert error.value.missing == ["model.layers.2.mlp.experts.3.up_proj.weight"]
     assert "model.layers.2.mlp.experts.3.up_proj.weight" in str(error.value)
 
@@ -156,7 +135,7 @@ def test_configs_megavl_cannot_reproduce_are_refused(hf, tmp_path, field, value,
 
     _rewrite_lm(hf[0], tmp_path / "bad", edit_config=edit)
     with pytest.raises(ConversionError, match=message):
-        import_pairing(str(tmp_path / "bad"), str(hf[1]), str(tmp_path / "out"), verify=False, log=_quiet)
+        import_pairing(str(tmp_path / "bad"), str(hf[1]), str(tmp_path / "out"), verify=False, log=quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -196,7 +175,7 @@ def test_whole_model_export_refuses_the_moe_lm(imported, tmp_path):
     from megavl.convert import UnsupportedModelError, export_to_hf
 
     with pytest.raises(UnsupportedModelError, match=r"moe.num_experts = 4"):
-        export_to_hf(str(imported[0]), str(tmp_path / "out"), log=_quiet)
+        export_to_hf(str(imported[0]), str(tmp_path / "out"), log=quiet)
 
 
 @pytest.mark.slow

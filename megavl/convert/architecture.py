@@ -9,13 +9,14 @@ verification code stays as it is.
 
 from __future__ import annotations
 
+import abc
 from typing import Optional
 
 from megavl.config import Config
 from megavl.convert.mapping import MappingTable
 
 
-class Architecture:
+class Architecture(abc.ABC):
     #: The name in config.json's "architectures".
     name: str = ""
     #: config.json's "model_type".
@@ -24,21 +25,26 @@ class Architecture:
     #: tensors under, rewritten to the names the mapping table uses.
     hf_aliases: tuple[tuple[str, str], ...] = ()
 
+    @abc.abstractmethod
     def config_class(self):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def model_class(self):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def megavl_config(self, hf_config, preprocessor: Optional[dict]) -> tuple[Config, list[str]]:
         """The megavl Config reproducing hf_config (a transformers config object), and notes
         for the user. Raises ConversionError listing what megavl cannot reproduce."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def export_problems(self, config: Config) -> list[str]:
         """Why this architecture cannot reproduce config's model; empty when it can."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def hf_config(self, config: Config, token_ids: dict, base: Optional[dict]):
         """A transformers config object for config's model.
 
@@ -46,10 +52,11 @@ class Architecture:
         model was imported from, whose fields megavl does not model (e.g. token
         ids for video) are kept.
         """
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def table(self, config: Config) -> MappingTable:
-        raise NotImplementedError
+        ...
 
     def canonical_hf_name(self, stored: str) -> str:
         for prefix, canonical in self.hf_aliases:

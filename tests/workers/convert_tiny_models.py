@@ -99,3 +99,29 @@ def edit_architectures(folder: str, architectures: list[str]) -> None:
     data["architectures"] = architectures
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def quiet(message: str) -> None:
+    """A log function for the converters that prints nothing."""
+
+
+def read_all_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder (tiny models only)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as f:
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+def megavl_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a megavl checkpoint folder written by the importer."""
+    from megavl.convert.megavl_model import build_single_process_model, load_megavl_config, model_tensors
+    from megavl.training.checkpoint import load_model_weights
+
+    model = build_single_process_model(load_megavl_config(str(folder)))
+    load_model_weights(model, str(folder))
+    return {k: v.detach().clone() for k, v in model_tensors(model).items()}
