@@ -31,6 +31,10 @@ DTYPES = ("fp32", "bf16")
 # Vision-tower variants: Qwen2.5-VL uses RMSNorm + SwiGLU, Qwen2-VL LayerNorm + QuickGELU.
 VISION_NORMS = ("rmsnorm", "layernorm")
 VISION_MLPS = ("swiglu", "gelu_quick")
+# How an image becomes vision tokens (see megavl/data/resolution.py).
+RESOLUTION_MODES = ("native", "fixed", "tiling")
+FIXED_FITS = ("pad", "resize")
+IMAGE_BACKENDS = ("auto", "dali", "pillow")
 
 
 @dataclass
@@ -143,16 +147,68 @@ class ParallelConfig:
 
 
 @dataclass
+class ResolutionConfig:
+    """How images are sized; the default for every dataset, and per dataset
+    overridable from a metadataset's ``subflavors: {resolution: {...}}``."""
+
+    # native: keep the aspect ratio, sides multiples of patch*merge, area in
+    #   [min_pixels, max_pixels] (Qwen2-VL's rule).
+    # fixed: one square regime of fixed_tokens merged tokens (256 -> 448x448 px
+    #   at patch 14 / merge 2), reached by padding (aspect kept) or resizing.
+    # tiling: a grid of tile_size tiles fitting the aspect ratio, up to
+    #   max_tiles, plus an optional global thumbnail (documents).
+    mode: str = "native"
+    min_pixels: int = 3136
+    max_pixels: int = 200704
+    fixed_tokens: int = 256
+    fixed_fit: str = "pad"
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 9
+    thumbnail: bool = True
+    # Text such as "<tile_1_2>" / "<tile_global>" before each tile's image tokens.
+    tile_tags: bool = False
+
+
+@dataclass
+class MaxPixelScheduleConfig:
+    """Progressive cap on native-resolution max_pixels: a step function that
+    rises geometrically from start_max_pixels to data.resolution.max_pixels in
+    `stages` equal steps over the first `fraction` of training."""
+
+    start_max_pixels: int = 0  # 0: no schedule, the cap is max_pixels throughout
+    fraction: float = 0.35
+    stages: int = 4
+
+
+@dataclass
 class DataConfig:
+    # A prepared dataset directory (energon .nv-meta) or a metadataset YAML
+    # blending several of them.
     train_path: Optional[str] = None
     val_path: Optional[str] = None
     tokenizer: Optional[str] = None
+    # Dataloader worker processes per rank (decode runs in them); 0 decodes in
+    # the training process.
     num_workers: int = 0
-    min_pixels: int = 3136
-    max_pixels: int = 200704
+    image_backend: str = "auto"
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    max_pixels_schedule: MaxPixelScheduleConfig = field(default_factory=MaxPixelScheduleConfig)
+    # Images larger than this are refused before decoding (decompression bombs).
+    max_image_pixels: int = 64_000_000
     conversation_mask_prob: float = 0.5
     grounding_conversation_mask_prob: float = 0.7
     max_images_per_pack: int = 8
+    # Vision-token budget per pack; 0: only the token budget (train.seq_length) applies.
+    max_vision_tokens_per_pack: int = 0
+    packing_buffer_size: int = 64
+    shuffle_buffer_size: int = 100
+    # Even out vision tokens across data-parallel ranks within each step.
+    balance_vision_tokens: bool = True
+    # Stop the run when a dataset's share of failed samples exceeds this after
+    # at least failure_check_min_samples of its samples were read.
+    max_failure_rate: float = 0.05
+    failure_check_min_samples: int = 200
     # True: every data-parallel rank reads the global stream and takes its share of
     # microbatches, so results do not depend on the DP size (each rank decodes all
     # samples). False: records are split across DP ranks (each decodes only its own).
@@ -820,25 +876,65 @@ def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
     c.at_least("train.eval_steps", t.eval_steps, 1)
 
 
-def _check_data(c: _Checks, config: Config) -> None:
-    d = config.data
+def check_resolution(c: "_Checks", r: ResolutionConfig, config: Config, prefix: str = "data.resolution") -> None:
+    """Also used for a dataset's override, with the dataset named in prefix."""
     v = config.model.vision
-    c.at_least("data.num_workers", d.num_workers, 0)
-    if c.at_least("data.min_pixels", d.min_pixels, 1):
+    unit = v.patch_size * v.spatial_merge_size
+    c.one_of(f"{prefix}.mode", r.mode, RESOLUTION_MODES)
+    if c.at_least(f"{prefix}.min_pixels", r.min_pixels, 1):
         c.require(
-            d.min_pixels <= d.max_pixels,
-            f"data.min_pixels = {d.min_pixels}: must be <= data.max_pixels ({d.max_pixels})",
+            r.min_pixels <= r.max_pixels,
+            f"{prefix}.min_pixels = {r.min_pixels}: must be <= {prefix}.max_pixels ({r.max_pixels})",
         )
     # An image must fit at least one merged token.
-    unit = v.patch_size * v.spatial_merge_size
     c.require(
-        d.max_pixels >= unit * unit,
-        f"data.max_pixels = {d.max_pixels}: must be >= ({v.patch_size}*"
+        r.max_pixels >= unit * unit,
+        f"{prefix}.max_pixels = {r.max_pixels}: must be >= ({v.patch_size}*"
         f"{v.spatial_merge_size})**2 = {unit * unit}, one merged vision token",
     )
+    if c.positive(f"{prefix}.fixed_tokens", r.fixed_tokens):
+        side = round(r.fixed_tokens ** 0.5)
+        c.require(
+            side * side == r.fixed_tokens,
+            f"{prefix}.fixed_tokens = {r.fixed_tokens}: must be a square number "
+            f"(e.g. 64, 100, 256, 400) so the regime is a square of merged tokens",
+        )
+    c.one_of(f"{prefix}.fixed_fit", r.fixed_fit, FIXED_FITS)
+    if c.positive(f"{prefix}.tile_size", r.tile_size):
+        c.require(
+            r.tile_size % unit == 0,
+            f"{prefix}.tile_size = {r.tile_size}: must be a multiple of patch_size*spatial_merge_size = {unit}",
+        )
+    if c.at_least(f"{prefix}.min_tiles", r.min_tiles, 1):
+        c.require(
+            r.max_tiles >= r.min_tiles,
+            f"{prefix}.max_tiles = {r.max_tiles}: must be >= {prefix}.min_tiles ({r.min_tiles})",
+        )
+
+
+def _check_data(c: _Checks, config: Config) -> None:
+    d = config.data
+    c.at_least("data.num_workers", d.num_workers, 0)
+    c.one_of("data.image_backend", d.image_backend, IMAGE_BACKENDS)
+    check_resolution(c, d.resolution, config)
+    s = d.max_pixels_schedule
+    if c.at_least("data.max_pixels_schedule.start_max_pixels", s.start_max_pixels, 0) and s.start_max_pixels:
+        c.require(
+            s.start_max_pixels <= d.resolution.max_pixels,
+            f"data.max_pixels_schedule.start_max_pixels = {s.start_max_pixels}: must be <= "
+            f"data.resolution.max_pixels ({d.resolution.max_pixels})",
+        )
+        c.require(0.0 < s.fraction <= 1.0, f"data.max_pixels_schedule.fraction = {s.fraction}: must be in (0, 1]")
+        c.positive("data.max_pixels_schedule.stages", s.stages)
+    c.positive("data.max_image_pixels", d.max_image_pixels)
     c.probability("data.conversation_mask_prob", d.conversation_mask_prob)
     c.probability("data.grounding_conversation_mask_prob", d.grounding_conversation_mask_prob)
     c.at_least("data.max_images_per_pack", d.max_images_per_pack, 1)
+    c.at_least("data.max_vision_tokens_per_pack", d.max_vision_tokens_per_pack, 0)
+    c.positive("data.packing_buffer_size", d.packing_buffer_size)
+    c.positive("data.shuffle_buffer_size", d.shuffle_buffer_size)
+    c.probability("data.max_failure_rate", d.max_failure_rate)
+    c.positive("data.failure_check_min_samples", d.failure_check_min_samples)
 
 
 def validate(config: Config, world_size: int) -> None:

@@ -367,7 +367,7 @@ def problems_for(overrides, world_size=1) -> str:
             id="grounding-probability-range",
         ),
         pytest.param(
-            ["data.min_pixels=300000"], 1, ["data.min_pixels = 300000", "data.max_pixels (200704)"],
+            ["data.resolution.min_pixels=300000"], 1, ["data.resolution.min_pixels = 300000", "data.resolution.max_pixels (200704)"],
             id="min-pixels-above-max",
         ),
         pytest.param(["train.seq_length=0"], 1, ["train.seq_length = 0", "> 0"], id="zero-seq-length"),

@@ -52,7 +52,7 @@ def test_import_builds_the_qwen2_vl_vision_tower_and_reproduces_logits(imported)
     assert v.full_attention_layers == [0, 1]
     assert config.model.lm.tie_embeddings
     assert config.parallel.tensor == 2  # the intended layout is recorded
-    assert (config.data.min_pixels, config.data.max_pixels) == (3136, 100352)
+    assert (config.data.resolution.min_pixels, config.data.resolution.max_pixels) == (3136, 100352)
 
 
 def test_checkpoint_stores_norms_under_transformer_engine_names(imported):

@@ -109,7 +109,7 @@ def make_config() -> Config:
     config = Config()
     config.train.seq_length = 256
     config.train.micro_batch_size = 2
-    config.data.max_pixels = 112 * 112
+    config.data.resolution.max_pixels = 112 * 112
     config.data.max_images_per_pack = 3
     return config
 
@@ -240,10 +240,10 @@ def test_image_preprocessing_matches_qwen2_vl_reference():
         smart_resize(10, 2010)
 
     config = Config()
-    config.data.max_pixels = 50176
+    config.data.resolution.max_pixels = 50176
     pixels = torch.randint(0, 256, (300, 200, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     image = Image.fromarray(pixels.numpy())
-    processor = reference.Qwen2VLImageProcessorPil(min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    processor = reference.Qwen2VLImageProcessorPil(min_pixels=config.data.resolution.min_pixels, max_pixels=config.data.resolution.max_pixels)
     expected = processor(images=[image], return_tensors="pt")
     patches = image_to_model_input(image, config)
     assert patches.grid_thw == tuple(expected["image_grid_thw"][0].tolist())

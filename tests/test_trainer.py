@@ -26,7 +26,7 @@ def data_dir(tmp_path_factory):
 def _overrides(data_dir, run_dir, steps, extra=()):
     return [
         f"data.train_path={data_dir}/train", f"data.val_path={data_dir}/val",
-        f"data.tokenizer={data_dir}/tokenizer", "data.max_pixels=12544",
+        f"data.tokenizer={data_dir}/tokenizer", "data.resolution.max_pixels=12544",
         "train.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=2",
         f"train.steps={steps}", "train.lr=3e-3", "train.warmup_steps=2",
         "train.eval_interval=4", "train.eval_steps=1",

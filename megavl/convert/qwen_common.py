@@ -151,17 +151,17 @@ def apply_preprocessor(config: Config, preprocessor: Optional[dict], problems: l
     """Image-size limits from preprocessor_config.json into config.data."""
     if preprocessor is None:
         notes.append(
-            f"no preprocessor_config.json: data.min_pixels / max_pixels keep megavl's defaults "
-            f"({config.data.min_pixels} / {config.data.max_pixels})"
+            f"no preprocessor_config.json: data.resolution.min_pixels / max_pixels keep megavl's defaults "
+            f"({config.data.resolution.min_pixels} / {config.data.resolution.max_pixels})"
         )
         return
     size = preprocessor.get("size") or {}
     low = size.get("shortest_edge", preprocessor.get("min_pixels"))
     high = size.get("longest_edge", preprocessor.get("max_pixels"))
     if low is not None:
-        config.data.min_pixels = int(low)
+        config.data.resolution.min_pixels = int(low)
     if high is not None:
-        config.data.max_pixels = int(high)
+        config.data.resolution.max_pixels = int(high)
     v = config.model.vision
     for key, expected in (("patch_size", v.patch_size), ("temporal_patch_size", v.temporal_patch_size),
                           ("merge_size", v.spatial_merge_size)):
@@ -280,7 +280,7 @@ def preprocessor_config(config: Config) -> dict:
     """preprocessor_config.json for Qwen2-VL's image processor with megavl's image settings."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    v, d = config.model.vision, config.data
+    v, d = config.model.vision, config.data.resolution
     processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": d.min_pixels, "longest_edge": d.max_pixels},
         patch_size=v.patch_size,

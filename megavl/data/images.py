@@ -123,7 +123,7 @@ def image_to_model_input(image: Image.Image, config: Config) -> ImagePatches:
         raise ValueError(f"model.vision.in_channels = {v.in_channels}: RGB images need 3")
     factor = v.patch_size * v.spatial_merge_size
     height, width = smart_resize(
-        image.height, image.width, factor, config.data.min_pixels, config.data.max_pixels
+        image.height, image.width, factor, config.data.resolution.min_pixels, config.data.resolution.max_pixels
     )
     image = image.convert("RGB")
     if (width, height) != image.size:
