@@ -14,7 +14,7 @@ vision is known exactly rather than recovered from the text afterwards.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Sequence, Union
 
 from megavl.config import Config
 from megavl.data.batch import IGNORE_INDEX, ImagePatches, Sample
@@ -76,6 +76,13 @@ def count_image_placeholders(record: dict) -> int:
     return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in _messages(record) if m["role"] == "user")
 
 
+def image_parts(image) -> list[tuple[str, ImagePatches]]:
+    """One placeholder's vision inputs as (tag text, patches) pairs."""
+    if isinstance(image, ImagePatches):
+        return [("", image)]
+    return list(image)
+
+
 class SampleEncoder:
     """Turns a record and its images into a Sample.
 
@@ -118,7 +125,9 @@ class SampleEncoder:
         rng = random.Random(f"{self.seed}:{record.get('id', '')}")
         return rng.random() < prob
 
-    def encode(self, record: dict, images: Sequence[ImagePatches]) -> Sample:
+    def encode(self, record: dict, images: Sequence[Union[ImagePatches, Sequence[tuple[str, ImagePatches]]]]) -> Sample:
+        """``images`` holds one entry per <image> placeholder: an ImagePatches,
+        or for a tiled image its parts as (tag text, ImagePatches) in order."""
         name = _record_name(record)
         messages = _messages(record)
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
@@ -150,6 +159,7 @@ class SampleEncoder:
         add([self.im_end] + self._newline, 0)
 
         image_iter = iter(images)
+        flat_images: list[ImagePatches] = []
         turn, previous = 0, None
         for message in messages:
             role, content = message["role"], message["content"]
@@ -170,18 +180,21 @@ class SampleEncoder:
             pieces = content.split(IMAGE_PLACEHOLDER)
             add_text(pieces[0], turn)
             for piece in pieces[1:]:
-                image = next(image_iter)
-                # Shared turn 0, so every later QA turn can look at the image.
-                tokens.append(self.vision_start)
-                tokens.extend([self.image_pad] * image.num_tokens(self.merge))
-                tokens.append(self.vision_end)
-                span = image.num_tokens(self.merge) + 2
-                trained.extend([False] * span)
-                turns.extend([0] * span)
+                for tag, image in image_parts(next(image_iter)):
+                    # Tags and image tokens are shared context (turn 0), so every
+                    # later QA turn can look at the image.
+                    add_text(tag, 0)
+                    tokens.append(self.vision_start)
+                    tokens.extend([self.image_pad] * image.num_tokens(self.merge))
+                    tokens.append(self.vision_end)
+                    span = image.num_tokens(self.merge) + 2
+                    trained.extend([False] * span)
+                    turns.extend([0] * span)
+                    flat_images.append(image)
                 add_text(piece, turn)
             add([self.im_end] + self._newline, turn)
 
         # Position i predicts token i+1.
         labels = [tokens[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(len(tokens) - 1)]
         labels.append(IGNORE_INDEX)
-        return Sample(tokens=tokens, labels=labels, turn_ids=turns, images=list(images), key=str(record.get("id", "")))
+        return Sample(tokens=tokens, labels=labels, turn_ids=turns, images=flat_images, key=str(record.get("id", "")))
