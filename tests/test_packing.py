@@ -1,4 +1,4 @@
-"""GreedyPacker: no token lost, both budgets respected, overlong samples dropped and counted."""
+"""GreedyPacker: no token lost, all budgets respected, overlong samples dropped and counted."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import collections
 import logging
 import random
 
+import pytest
 import torch
 
 from megavl.data.batch import IGNORE_INDEX, ImagePatches, Sample, pack_row
-from megavl.data.packing import GreedyPacker
+from megavl.data.packing import GreedyPacker, PackingStats
 
 IMAGE_TOKEN = 3
 MERGE = 2
@@ -117,3 +118,108 @@ def test_packing_is_deterministic_and_pending_round_trips():
     restored.load_pending(original.pending())
     tail = [p for s in samples[40:] for p in restored.add(s)] + restored.flush()
     assert keys(head) + keys(tail) == first
+
+
+# -- the vision-token budget ---------------------------------------------------
+
+
+def make_vision_sample(rng: random.Random, key: str, length: int, image_tokens: list[int]) -> Sample:
+    """A sample of `length` tokens that opens with images of the given merged-token counts."""
+    pads = sum(image_tokens)
+    tokens = [IMAGE_TOKEN] * pads + [rng.randrange(10, 1000) for _ in range(length - pads)]
+    # A (1, 2, 2n) patch grid merges 2x2 into n tokens.
+    pictures = [ImagePatches(torch.zeros(4 * n, 8), (1, 2, 2 * n)) for n in image_tokens]
+    return Sample(tokens, [IGNORE_INDEX] * length, [0] * length, pictures, key)
+
+
+def random_vision_samples(seed: int, count: int) -> list[Sample]:
+    rng = random.Random(seed)
+    samples = []
+    for i in range(count):
+        image_tokens = [rng.randint(1, 12) for _ in range(rng.randint(0, 2))]
+        length = rng.randint(sum(image_tokens) + 1, SEQ // 2)
+        samples.append(make_vision_sample(rng, f"v{i}", length, image_tokens))
+    return samples
+
+
+def test_vision_budget_is_respected_and_only_counted_drops_are_lost(caplog):
+    budget = 16
+    samples = random_vision_samples(5, 300)
+    packer = GreedyPacker(SEQ, max_images_per_pack=4, buffer_size=8, max_vision_tokens_per_pack=budget)
+    with caplog.at_level(logging.WARNING, logger="megavl.data.packing"):
+        packs = pack_all(packer, samples)
+
+    too_many = {s.key for s in samples if packer.vision_tokens([s]) > budget}
+    assert too_many  # the mix must exercise the drop
+    assert packer.stats.dropped_too_many_vision_tokens == len(too_many)
+    assert sorted(s.key for p in packs for s in p) == sorted(s.key for s in samples if s.key not in too_many)
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == len(too_many)
+    assert all("max_vision_tokens_per_pack=16" in m for m in logged)
+    assert {m.split("'")[1] for m in logged} == too_many
+
+    for pack in packs:
+        assert packer.vision_tokens(pack) <= budget
+        assert sum(len(s) for s in pack) <= SEQ
+        assert sum(len(s.images) for s in pack) <= 4
+        pack_row(pack, SEQ, IMAGE_TOKEN, MERGE)  # the merged counts agree with the image-pad tokens
+    assert packer.stats.vision_tokens == sum(packer.vision_tokens(p) for p in packs)
+    assert packer.stats.vision_tokens_per_pack == packer.stats.vision_tokens / len(packs)
+
+
+def test_vision_budget_keeps_first_fit():
+    rng = random.Random(6)
+    packer = GreedyPacker(SEQ, max_images_per_pack=8, max_vision_tokens_per_pack=10)
+    samples = [
+        make_vision_sample(rng, "a", 20, [8]),
+        make_vision_sample(rng, "b", 20, [4]),  # tokens fit beside a, vision tokens do not
+        make_vision_sample(rng, "c", 10, [2]),  # first pack with room: a's
+        make_vision_sample(rng, "d", 10, []),  # text only: a's pack still has token room
+    ]
+    assert [[s.key for s in p] for p in pack_all(packer, samples)] == [["a", "c", "d"], ["b"]]
+    assert packer.stats.vision_tokens == 14
+
+
+def test_no_vision_budget_by_default():
+    rng = random.Random(7)
+    packer = GreedyPacker(SEQ, max_images_per_pack=8)
+    samples = [make_vision_sample(rng, k, 30, [25]) for k in "ab"]
+    assert [[s.key for s in p] for p in pack_all(packer, samples)] == [["a", "b"]]
+    assert packer.stats.dropped_too_many_vision_tokens == 0
+
+
+def test_vision_tokens_follow_the_merge_size():
+    sample = Sample([0], [0], [0], [ImagePatches(torch.zeros(0, 8), (2, 4, 6))], "k")
+    assert GreedyPacker(SEQ, 8).vision_tokens([sample]) == 12
+    assert GreedyPacker(SEQ, 8, spatial_merge_size=1).vision_tokens([sample]) == 48
+
+
+def test_pending_round_trips_under_a_vision_budget():
+    samples = random_vision_samples(8, 120)
+    keys = lambda packs: [[s.key for s in p] for p in packs]  # noqa: E731
+    make = lambda: GreedyPacker(SEQ, 4, buffer_size=5, max_vision_tokens_per_pack=20)  # noqa: E731
+    first = keys(pack_all(make(), samples))
+    original, restored = make(), make()
+    head = [p for s in samples[:60] for p in original.add(s)]
+    restored.load_pending(original.pending())
+    tail = [p for s in samples[60:] for p in restored.add(s)] + restored.flush()
+    assert keys(head) + keys(tail) == first
+
+
+def test_invalid_vision_arguments_are_named():
+    with pytest.raises(ValueError, match="max_vision_tokens_per_pack = -1"):
+        GreedyPacker(SEQ, 8, max_vision_tokens_per_pack=-1)
+    with pytest.raises(ValueError, match="spatial_merge_size = 0"):
+        GreedyPacker(SEQ, 8, spatial_merge_size=0)
+
+
+def test_stats_load_states_saved_without_the_vision_counters():
+    stats = PackingStats(seq_length=SEQ, packs=3, vision_tokens=7, dropped_too_many_vision_tokens=2)
+    old = {k: v for k, v in stats.state_dict().items() if "vision" not in k}
+    restored = PackingStats()
+    restored.load_state_dict(old)
+    assert restored == PackingStats(seq_length=SEQ, packs=3)
+    restored.load_state_dict(stats.state_dict())
+    assert restored == stats
+    with pytest.raises(ValueError, match="'packs'"):
+        restored.load_state_dict({k: v for k, v in old.items() if k != "packs"})
