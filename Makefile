@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py tools/install_system_packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_CPU)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,dali]"
 	touch $@
 
 test: setup
@@ -28,10 +28,11 @@ test-fast: setup
 
 DATA := data/synthetic
 
-$(DATA)/manifest.json: | setup
+# The energon index marks data written by the current generator (older copies lack it).
+$(DATA)/train/.nv-meta/split.yaml: | setup
 	$(PY) tools/make_synthetic_data.py --out $(DATA) --train-samples 4000 --val-samples 200 --seed 0
 
-demo: setup $(DATA)/manifest.json
+demo: setup $(DATA)/train/.nv-meta/split.yaml
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml
 
 clean:

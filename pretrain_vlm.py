@@ -49,7 +49,8 @@ def dry_run(config, world_size: int) -> None:
 
 def train(config) -> None:
     from megavl.data.distribute import StepBatches
-    from megavl.data.loader import PackedDataStream
+    from megavl.data.energon_stream import EnergonDataStream
+    from megavl.data.resolution import MaxPixelSchedule
     from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
     from megavl.models.build import build_model, wrap_for_training
     from megavl.models.moe import RouterStatistics
@@ -89,10 +90,13 @@ def train(config) -> None:
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer_matches_model(tokenizer, config)
     microbatches = num_microbatches(config, layout.data)
+    _choose_image_backend(config, metrics)
+    pixel_cap = _max_pixel_cap(config, MaxPixelSchedule)
     train_data = StepBatches(
-        lambda rank, world: PackedDataStream(config.data.train_path, tokenizer, config, rank=rank,
-                                             world_size=world, seed=config.train.seed),
+        lambda rank, world: EnergonDataStream(config.data.train_path, tokenizer, config, rank, world,
+                                              config.train.seed, max_pixels=pixel_cap(0)),
         microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
+        balance=config.data.balance_vision_tokens, group=_data_parallel_group(),
     )
 
     # 4. Resume.
@@ -110,6 +114,8 @@ def train(config) -> None:
     checkpoint_dir, start_step, saved_step = config.checkpoint.dir, state.step, None
     while state.step < config.train.steps:
         started = time.monotonic()
+        # A new stage of the max-pixel schedule rebuilds the loader at the same position.
+        train_data.set_max_pixels(pixel_cap(state.step))
         batches = train_data.next_step()
         real_tokens = torch.tensor(sum(int((b["document_ids"] >= 0).sum()) for b in batches))
         if is_moe:
@@ -132,9 +138,14 @@ def train(config) -> None:
                 "tokens_per_s": int(real_tokens) / step_time,
                 "packing_efficiency": stats.packing_efficiency,
                 "skipped_samples": sum(stats.skipped.values()),
+                **{f"skipped/{reason}": n for reason, n in sorted(stats.skipped.items())},
+                **_balance_metrics(train_data.last_balance),
+                **({"max_pixels": pixel_cap(state.step - 1)} if pixel_cap(state.step - 1) else {}),
                 "step_time": step_time,
                 **(moe_metrics.scalars(moe_stats) if moe_stats else {}),
             })
+        if log_now:
+            _check_data_failures(config, stats)
         if moe_stats and log_now:
             metrics.log_record(state.step, {"moe": moe_stats})
             metrics.log_image("moe/expert_load", moe_metrics.expert_load_image(moe_stats), state.step)
@@ -150,8 +161,58 @@ def train(config) -> None:
             save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state, train_data.state_dict())
         metrics.message(f"checkpoint: {os.path.abspath(iteration_dir(checkpoint_dir, state.step))}")
     metrics.message(f"logs: {os.path.abspath(config.logging.dir)} (metrics.jsonl, tensorboard/)")
+    train_data.close()
     metrics.close()
     shutdown()
+
+
+def _choose_image_backend(config, metrics) -> None:
+    """Resolves data.image_backend = auto once, on rank 0, for every process and worker of
+    the run: a per-process timing could pick differently and give ranks different pixels."""
+    from megavl.data.image_backends import select_backend
+
+    if config.data.image_backend != "auto":
+        return
+    choice = [select_backend("auto").name.split("-")[0] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    config.data.image_backend = choice[0]
+    metrics.message(f"image back end: {choice[0]} (data.image_backend = auto)")
+
+
+def _max_pixel_cap(config, schedule_class):
+    """step -> the native-resolution max-pixel cap for that step (None: no schedule)."""
+    d, v = config.data, config.model.vision
+    if not d.max_pixels_schedule.start_max_pixels:
+        return lambda step: None
+    schedule = schedule_class(d.max_pixels_schedule, d.resolution.max_pixels, config.train.steps,
+                              v.patch_size * v.spatial_merge_size)
+    return lambda step: schedule.max_pixels(max(step, 0))
+
+
+def _balance_metrics(balance) -> dict:
+    if balance is None:
+        return {}
+    return {"vision_imbalance": balance.imbalance_after, "vision_imbalance_unbalanced": balance.imbalance_before,
+            "balance_moved_fraction": balance.moved_fraction}
+
+
+def _check_data_failures(config, stats) -> None:
+    """Stops every rank together when a dataset fails too often (counts summed over DP ranks)."""
+    from megavl.data.energon_stream import check_failure_rates
+
+    if config.data.layout_invariant:
+        read, failed = stats.read, stats.failed  # every rank read the same records
+    else:
+        gathered = [None] * dist.get_world_size(_data_parallel_group())
+        dist.all_gather_object(gathered, (stats.read, stats.failed), group=_data_parallel_group())
+        read, failed = {}, {}
+        for rank_read, rank_failed in gathered:
+            for name, n in rank_read.items():
+                read[name] = read.get(name, 0) + n
+            for name, reasons in rank_failed.items():
+                for reason, n in reasons.items():
+                    failed.setdefault(name, {})[reason] = failed.get(name, {}).get(reason, 0) + n
+    check_failure_rates(read, failed, config)
 
 
 def _data_parallel_group():
@@ -161,6 +222,8 @@ def _data_parallel_group():
 
 
 def main() -> None:
+    # The trainer prints its own progress line; energon's buffer-filling bars would interleave with it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from megavl.config import config_from_args
     from megavl.platform.distributed import world_size_from_env
 

@@ -24,6 +24,8 @@ setup(
         "psutil>=5.9",
         "einops>=0.7",
         "webdataset>=0.2.90",
+        # The data loader: blending, DP/worker sharding, exact save/restore.
+        "megatron-energon>=7.4,<8",
         "jinja2>=3.1",
     ],
     extras_require={

@@ -62,17 +62,9 @@ def available_backends(batch_size: int, threads: int):
 
 
 def images_per_second(backend, items, repeats: int) -> float:
-    import torch
+    from megavl.data.image_backends import time_backend
 
-    backend.render_batch(items[:4])  # builds pipelines
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        backend.render_batch(items)
-        if backend.name == "dali-gpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return len(items) / best
+    return 1.0 / time_backend(backend, items, repeats)
 
 
 def main() -> None:

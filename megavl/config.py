@@ -203,6 +203,8 @@ class DataConfig:
     max_vision_tokens_per_pack: int = 0
     packing_buffer_size: int = 64
     shuffle_buffer_size: int = 100
+    # Energon reads shards in random slices of at most this many samples.
+    max_samples_per_sequence: int = 100
     # Even out vision tokens across data-parallel ranks within each step.
     balance_vision_tokens: bool = True
     # Stop the run when a dataset's share of failed samples exceeds this after
@@ -912,6 +914,21 @@ def check_resolution(c: "_Checks", r: ResolutionConfig, config: Config, prefix: 
         )
 
 
+def check_resolution_override(override: Any, config: Config, where: str) -> list[str]:
+    """Problems with a dataset's ``subflavors.resolution`` (fields over data.resolution)."""
+    prefix = f"{where}: subflavors.resolution"
+    if not isinstance(override, dict):
+        return [f"{prefix} = {override!r}: expected a mapping of {', '.join(_field_types(ResolutionConfig))}"]
+    problems: list[str] = []
+    merged = {**dataclasses.asdict(config.data.resolution), **override}
+    resolution = _build(ResolutionConfig, merged, prefix, problems)
+    if not problems:
+        c = _Checks()
+        check_resolution(c, resolution, config, prefix)
+        problems += c.problems
+    return problems
+
+
 def _check_data(c: _Checks, config: Config) -> None:
     d = config.data
     c.at_least("data.num_workers", d.num_workers, 0)
@@ -933,6 +950,7 @@ def _check_data(c: _Checks, config: Config) -> None:
     c.at_least("data.max_vision_tokens_per_pack", d.max_vision_tokens_per_pack, 0)
     c.positive("data.packing_buffer_size", d.packing_buffer_size)
     c.positive("data.shuffle_buffer_size", d.shuffle_buffer_size)
+    c.positive("data.max_samples_per_sequence", d.max_samples_per_sequence)
     c.probability("data.max_failure_rate", d.max_failure_rate)
     c.positive("data.failure_check_min_samples", d.failure_check_min_samples)
 

@@ -13,6 +13,27 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
 WORKERS = Path(__file__).resolve().parent / "workers"
+# Order gives <|image_pad|> id 3, the default model.lm.image_token_id.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
+    "<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+]
+
+
+def tiny_tokenizer(corpus: list[str], vocab_size: int = 400):
+    """A byte-level BPE trained in milliseconds on corpus, with megavl's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="session")

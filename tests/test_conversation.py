@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
+from conftest import tiny_tokenizer
 from megavl.config import Config
 from megavl.data.batch import IGNORE_INDEX, ImagePatches
 from megavl.data.conversation import SampleEncoder
 
-# Order gives <|image_pad|> id 3, the default model.lm.image_token_id.
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
-    "<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-]
 CORPUS = [
     "You are a helpful assistant.", "system\n", "user\n", "assistant\n",
     "What is in the picture? Describe the image.", "A red square on a blue mat.",
@@ -23,16 +17,8 @@ CORPUS = [
 ]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>")
+def build_tokenizer():
+    return tiny_tokenizer(CORPUS)
 
 
 @pytest.fixture(scope="module")

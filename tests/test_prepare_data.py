@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import tiny_tokenizer
 from megavl.data import prepare as prepare_module
 from megavl.data.prepare import MARKER, PrepareError, prepare
 
@@ -255,20 +256,7 @@ def test_output_loads_with_energon(llava_output):
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    # This order gives <|image_pad|> id 3, the default model.lm.image_token_id.
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(["system\n", "user\n", "assistant\n", "What colour is it?"], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|endoftext|>")
+    return tiny_tokenizer(["system\n", "user\n", "assistant\n", "What colour is it?"], vocab_size=300)
 
 
 def test_output_loads_with_megavl_stream(llava_output):

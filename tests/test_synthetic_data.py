@@ -10,7 +10,9 @@ import tarfile
 from collections import Counter, defaultdict, deque
 
 import numpy as np
+import braceexpand
 import pytest
+import yaml
 from PIL import Image
 
 from megavl.data import synthetic
@@ -44,10 +46,14 @@ def corpus(tmp_path_factory):
     return out, manifest
 
 
+def shard_names(split_dir) -> list[str]:
+    return sorted(n for n in os.listdir(split_dir) if n.endswith(".tar"))
+
+
 def read_split(split_dir) -> list[dict]:
     """Samples in shard order: {"key", "json", "images": {index: PIL image}}."""
     samples: dict[str, dict] = {}
-    for name in sorted(os.listdir(split_dir)):
+    for name in shard_names(split_dir):
         with tarfile.open(os.path.join(split_dir, name)) as tar:
             for member in tar.getmembers():
                 key, extension = member.name.split(".", 1)
@@ -145,8 +151,13 @@ def question_text(question: str) -> str:
 def test_shards_layout_and_manifest(corpus, samples):
     out, manifest = corpus
     for split, count in (("train", TRAIN), ("val", VAL)):
-        names = sorted(os.listdir(out / split))
+        names = shard_names(out / split)
         assert names == manifest["splits"][split]["shards"]
+        # Energon-prepared, with the split part named after the folder.
+        with open(out / split / ".nv-meta" / "split.yaml") as f:
+            parts = yaml.safe_load(f)["split_parts"]
+        assert list(parts) == [split]
+        assert [n for pattern in parts[split] for n in braceexpand.braceexpand(pattern)] == names
         assert len(names) == -(-count // PER_SHARD)
         assert all(re.fullmatch(r"shard-\d{6}\.tar", n) for n in names), "temporary files left behind"
         got = samples[split]
@@ -185,7 +196,7 @@ def test_images_vary_in_size_and_aspect(samples):
 def test_webdataset_reads_the_shards(corpus):
     import webdataset
     out, _ = corpus
-    urls = [str(out / "val" / n) for n in sorted(os.listdir(out / "val"))]
+    urls = [str(out / "val" / n) for n in shard_names(out / "val")]
     loaded = list(webdataset.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert len(loaded) == VAL
     assert all("json" in s and "img0.png" in s for s in loaded)
@@ -205,7 +216,7 @@ def test_arabic_samples_exist(samples):
 
 def shard_bytes(root) -> dict[str, bytes]:
     return {
-        f"{split}/{n}": (root / split / n).read_bytes() for split in ("train", "val") for n in os.listdir(root / split)
+        f"{split}/{n}": (root / split / n).read_bytes() for split in ("train", "val") for n in shard_names(root / split)
     }
 
 

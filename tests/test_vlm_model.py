@@ -10,7 +10,7 @@ import torch
 from megavl.config import load_config
 from megavl.data.batch import Sample, collate_rows, mrope_position_ids, pack_row
 from megavl.data.image_patches import image_to_patches
-from megavl.data.random_samples import random_image, random_sample
+from megavl.data.random_samples import random_sample
 from megavl.models.vision import patch_coordinates, window_segments
 from megavl.training.step import attention_mask_for, model_inputs
 

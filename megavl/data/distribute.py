@@ -8,19 +8,43 @@ Two policies (``data.layout_invariant``):
   compared and changed mid-run; the price is that every rank decodes every sample.
 * sharded: records are split across DP ranks before packing; each rank decodes
   only its own samples, and batches depend on the DP size.
+
+With ``data.balance_vision_tokens`` the step's microbatches are then
+redistributed so that every rank gets about the same number of vision tokens
+(megavl/data/balance.py). In the invariant policy every rank already holds the
+whole step and computes the same assignment; sharded ranks exchange counts and
+microbatches. The step's loss is normalised over all its answer tokens, so
+which rank computes which microbatch does not change the gradient.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
+
+from megavl.data.balance import (
+    BalanceStats,
+    assigned_loads,
+    balance_assignment,
+    balance_step,
+    imbalance,
+    packs_moved,
+)
+
+
+def vision_tokens_of(batch: dict) -> int:
+    return int(batch["vision_tokens"])
 
 
 class StepBatches:
     def __init__(self, make_stream: Callable[[int, int], object], microbatches: int, dp_rank: int,
-                 dp_size: int, layout_invariant: bool):
+                 dp_size: int, layout_invariant: bool, balance: bool = False, group=None):
         self.microbatches = microbatches
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.layout_invariant = layout_invariant
+        self.balance = balance and dp_size > 1
+        self.group = group
+        # Vision-token balance of the last step (None before one or without balancing).
+        self.last_balance: Optional[BalanceStats] = None
         if layout_invariant:
             self.stream = make_stream(0, 1)
         else:
@@ -37,12 +61,34 @@ class StepBatches:
         if self.layout_invariant:
             if len(taken) < wanted:
                 return []  # a partial global step cannot be split evenly
-            return taken[self.dp_rank :: self.dp_size]
+            return self._share_of_global_step(taken)
+        if self.balance and len(taken) == wanted:
+            taken, self.last_balance = balance_step(taken, vision_tokens_of, self.group)
         return taken
+
+    def _share_of_global_step(self, taken: list[dict]) -> list[dict]:
+        per_rank = [taken[rank :: self.dp_size] for rank in range(self.dp_size)]
+        if not self.balance:
+            return per_rank[self.dp_rank]
+        counts = [[vision_tokens_of(b) for b in batches] for batches in per_rank]
+        assignment = balance_assignment(counts)
+        self.last_balance = BalanceStats(
+            imbalance_before=imbalance([sum(row) for row in counts]),
+            imbalance_after=imbalance(assigned_loads(counts, assignment)),
+            packs_moved=packs_moved(assignment),
+            packs=len(taken),
+        )
+        return [per_rank[source][index] for source, index in assignment[self.dp_rank]]
+
+    def set_max_pixels(self, max_pixels: Optional[int]) -> None:
+        self.stream.set_max_pixels(max_pixels)
 
     @property
     def stats(self):
         return self.stream.stats
+
+    def close(self) -> None:
+        self.stream.close()
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

@@ -37,18 +37,17 @@ import io
 import logging
 import os
 import time
-import warnings
 from functools import lru_cache
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from megavl.config import IMAGE_BACKENDS, VisionConfig
 from megavl.data.batch import ImagePatches
 from megavl.data.image_patches import image_to_patches
-from megavl.data.images import IMAGE_MEAN, IMAGE_STD, ImageDecodeError, decode_image, smart_resize
+from megavl.data.images import IMAGE_MEAN, IMAGE_STD, ImageDecodeError, decode_image, open_image_header, smart_resize
 from megavl.data.resolution import ImagePart, ImagePlan
 
 logger = logging.getLogger(__name__)
@@ -79,30 +78,6 @@ class ImageBatchError(ImageDecodeError):
 # -- header -----------------------------------------------------------------
 
 
-def _open_header(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Pillow's lazily opened image (header parsed, pixels not decoded), size-checked.
-
-    The same checks as images.decode_image, without decoding.
-    """
-    try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb warning is redundant with the check below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"decompression bomb: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"unreadable image: {e}") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"empty image {width}x{height}")
-    if width * height > max_image_pixels:
-        raise ImageDecodeError(
-            f"decompression bomb: {width}x{height} exceeds data.max_image_pixels = {max_image_pixels}"
-        )
-    return image
-
-
 def peek_size(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(height, width) of encoded image bytes, read from the header alone.
 
@@ -111,7 +86,7 @@ def peek_size(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     before any pixel is decoded. Corrupt pixel data further on is only found
     by render().
     """
-    width, height = _open_header(data, max_image_pixels).size
+    width, height = open_image_header(data, max_image_pixels).size
     return height, width
 
 
@@ -245,7 +220,7 @@ def _checked_items(items: Sequence[tuple[bytes, ImagePlan]], max_image_pixels: i
     headers = []
     for index, (data, _) in enumerate(items):
         try:
-            headers.append(_open_header(data, max_image_pixels))
+            headers.append(open_image_header(data, max_image_pixels))
         except ImageDecodeError as e:
             raise ImageBatchError(index, e) from None
     return headers

@@ -29,12 +29,11 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, max_pixels_allowed: int = 64_000_000) -> Image.Image:
-    """Decodes PNG/JPEG/... bytes into an RGB image.
+def open_image_header(data: bytes, max_pixels_allowed: int = 64_000_000) -> Image.Image:
+    """Pillow's lazily opened image: header parsed and size-checked, pixels not decoded.
 
-    The size is read from the header and checked before the pixels are
-    decoded, so a small file that expands to gigabytes (a decompression bomb)
-    is refused without allocating them.
+    Checking the size before decoding refuses a small file that would expand
+    to gigabytes (a decompression bomb) without allocating them.
     """
     try:
         with warnings.catch_warnings():
@@ -50,8 +49,14 @@ def decode_image(data: bytes, max_pixels_allowed: int = 64_000_000) -> Image.Ima
         raise ImageDecodeError(f"empty image {width}x{height}")
     if width * height > max_pixels_allowed:
         raise ImageDecodeError(
-            f"decompression bomb: {width}x{height} exceeds {max_pixels_allowed} pixels"
+            f"decompression bomb: {width}x{height} exceeds data.max_image_pixels = {max_pixels_allowed}"
         )
+    return image
+
+
+def decode_image(data: bytes, max_pixels_allowed: int = 64_000_000) -> Image.Image:
+    """Decodes PNG/JPEG/... bytes into an RGB image, refusing bombs before decoding."""
+    image = open_image_header(data, max_pixels_allowed)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

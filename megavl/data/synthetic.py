@@ -7,7 +7,8 @@ construction, so a tiny model's progress on them is measurable.
 
 Layout written by ``generate(out_dir, ...)``::
 
-    out_dir/train/shard-000000.tar ...   WebDataset shards
+    out_dir/train/shard-000000.tar ...   WebDataset shards, energon-prepared
+    out_dir/train/.nv-meta/             (split part "train"; val: split part "val")
     out_dir/val/shard-000000.tar ...
     out_dir/tokenizer/                  trained on the train conversations
     out_dir/manifest.json               counts and parameters (written last)
@@ -29,12 +30,14 @@ import io
 import json
 import os
 import random
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from PIL import Image, ImageDraw, ImageFont, features
 
+from megavl.data.energon_meta import write_energon_metadata
 from megavl.data.tokenizer import (
     BOX_END,
     BOX_START,
@@ -530,10 +533,12 @@ def _tar_members(record: dict, images: list[bytes]) -> dict:
 
 
 def _clear_split_dir(split_dir: str) -> None:
-    # Shards of an earlier, larger run would otherwise be picked up by globs.
+    # Shards of an earlier, larger run would otherwise be picked up by globs,
+    # and their energon index would describe the wrong files.
     for name in os.listdir(split_dir):
-        if name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".tar.tmp")):
+        if name.startswith("shard-") and name.endswith((".tar", ".tar.tmp", ".tar.idx")):
             os.remove(os.path.join(split_dir, name))
+    shutil.rmtree(os.path.join(split_dir, ".nv-meta"), ignore_errors=True)
 
 
 def write_shards(
@@ -595,7 +600,11 @@ def _write_split(out_dir: str, split: str, count: int, seed: int, samples_per_sh
             texts.append(render_chat(record["conversations"]))
             yield record, images
 
-    shards = write_shards(tracked(), os.path.join(out_dir, split), samples_per_shard)
+    split_dir = os.path.join(out_dir, split)
+    shards = write_shards(tracked(), split_dir, samples_per_shard)
+    # Energon's index and dataset.yaml make the folder a dataset the loader
+    # reads; the split part is named after the folder (train / val).
+    write_energon_metadata(split_dir, shards, split=split)
     return {
         "samples": count,
         "shards": shards,

@@ -139,13 +139,12 @@ def evaluate(config: Config, model_chunks: list, tokenizer, layout) -> float:
     The validation stream is rebuilt each time, so every evaluation sees the same samples.
     """
     from megavl.data.distribute import StepBatches
-    from megavl.data.loader import PackedDataStream
+    from megavl.data.energon_stream import EnergonDataStream
 
     microbatches = num_microbatches(config, layout.data)
     data = StepBatches(
-        lambda rank, world: PackedDataStream(
-            config.data.val_path, tokenizer, config, rank=rank, world_size=world,
-            seed=config.train.seed, shuffle=False, infinite=False,
+        lambda rank, world: EnergonDataStream(
+            config.data.val_path, tokenizer, config, rank, world, config.train.seed, split="val",
         ),
         microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
     )
@@ -176,6 +175,7 @@ def evaluate(config: Config, model_chunks: list, tokenizer, layout) -> float:
                     total_loss += loss * tokens
                     total_tokens += tokens
     finally:
+        data.close()
         for chunk in model_chunks:
             chunk.train()
     return total_loss / total_tokens if total_tokens else float("nan")

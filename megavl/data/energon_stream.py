@@ -1,0 +1,524 @@
+"""The training data loader: megatron-energon datasets -> packed, collated microbatches.
+
+``data.train_path`` / ``data.val_path`` name a prepared dataset (a folder of
+WebDataset shards with energon's ``.nv-meta``, written by
+tools/prepare_data.py or tools/make_synthetic_data.py) or a metadataset YAML
+that blends several, with weights and per-dataset settings::
+
+    __module__: megatron.energon
+    __class__: MetadatasetV2
+    splits:
+      train:
+        blend:
+          - weight: 3
+            path: ./captions
+          - weight: 1
+            path: ./documents
+            subflavors:
+              name: documents                      # shown in metrics (default: folder name)
+              resolution: {mode: tiling, max_tiles: 9}
+
+Energon does the reading, shuffling, blending, sharding over data-parallel
+ranks and worker processes, and the exact save/restore of all of it. megavl's
+task encoder (VLMTaskEncoder, running in the workers) turns each record into a
+Sample (records.py: image back end, resolution policy, chat encoding), packs a
+buffer of samples under the token and vision budgets, and collates
+``train.micro_batch_size`` packs into a microbatch.
+
+Bad data. A record that cannot be used, or does not fit any pack, travels on
+as a failure inside the next microbatch instead of being dropped in the
+worker, so the training process counts every failure per dataset and reason,
+logs it with its key, and the counts are restored exactly with the loader.
+Reasons: records.RECORD_SKIP_REASONS plus ``too_long``, ``too_many_images``,
+``too_many_vision_tokens`` and ``decode_error`` (anything else raised while
+encoding a record). A dataset whose failure rate exceeds
+``data.max_failure_rate`` after ``data.failure_check_min_samples`` of its
+records stops the run (check_failure_rates).
+
+Resume. ``state_dict`` holds energon's state for this rank and the counters.
+Restoring needs the same datasets, data-parallel rank and size and
+``data.num_workers`` (energon splits shards over the global set of workers, so
+another worker count reads another order; energon refuses such a state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import braceexpand
+import yaml
+
+from megavl.config import Config, ConfigError, ResolutionConfig, check_resolution_override
+from megavl.data.batch import Sample, collate_rows, pack_row
+from megavl.data.conversation import pad_token_id
+from megavl.data.image_backends import select_backend
+from megavl.data.packing import GreedyPacker
+from megavl.data.records import RecordDecoder, RecordSkip
+
+logger = logging.getLogger(__name__)
+# Energon asks torch's DataLoader to pin memory, which warns on machines without an accelerator.
+warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
+
+_STATE_FORMAT = 2
+PACKING_REASONS = ("too_long", "too_many_images", "too_many_vision_tokens")
+
+
+class DataFailureRateError(RuntimeError):
+    """A dataset fails too often to be worth training on."""
+
+
+# ---------------------------------------------------------------------------
+# Counters
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DataStats:
+    """What this rank's stream has delivered; restored with the stream."""
+
+    microbatches: int = 0
+    rows: int = 0
+    real_tokens: int = 0
+    vision_tokens: int = 0
+    seq_length: int = 0
+    # dataset name -> records read / reason -> failures
+    read: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def packing_efficiency(self) -> float:
+        slots = self.rows * self.seq_length
+        return self.real_tokens / slots if slots else 0.0
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Failures by reason over all datasets."""
+        totals: dict[str, int] = {}
+        for reasons in self.failed.values():
+            for reason, n in reasons.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+    def add(self, batch_stats: dict) -> None:
+        self.microbatches += 1
+        self.rows += batch_stats["rows"]
+        self.real_tokens += batch_stats["real_tokens"]
+        self.vision_tokens += batch_stats["vision_tokens"]
+        for name, n in batch_stats["read"].items():
+            self.read[name] = self.read.get(name, 0) + n
+        for name, reasons in batch_stats["failed"].items():
+            mine = self.failed.setdefault(name, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+
+def check_failure_rates(read: dict[str, int], failed: dict[str, dict[str, int]], config: Config) -> None:
+    """Raises DataFailureRateError for the first dataset failing above data.max_failure_rate."""
+    d = config.data
+    for name in sorted(read):
+        n = read[name]
+        bad = sum(failed.get(name, {}).values())
+        if n >= d.failure_check_min_samples and bad > d.max_failure_rate * n:
+            reasons = ", ".join(f"{r}: {c}" for r, c in sorted(failed[name].items()))
+            raise DataFailureRateError(
+                f"dataset {name!r}: {bad} of {n} records failed ({bad / n:.1%}), above "
+                f"data.max_failure_rate = {d.max_failure_rate:.1%} ({reasons}); fix or remove the dataset "
+                f"(the failed keys are in the log), or raise data.max_failure_rate"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Per-dataset settings
+# ---------------------------------------------------------------------------
+
+
+def resolution_for(config: Config, subflavors: dict) -> ResolutionConfig:
+    """data.resolution with the dataset's ``subflavors.resolution`` fields over it."""
+    override = subflavors.get("resolution") or {}
+    return dataclasses.replace(config.data.resolution, **override)
+
+
+def check_metadataset(path: str | os.PathLike, config: Config) -> None:
+    """Checks the per-dataset settings of a metadataset YAML (and the ones it
+    includes) before any worker starts, so a typo fails at once with the
+    dataset's name instead of as failed samples."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"data path {str(path)!r}: cannot read the metadataset: {e}") from None
+    problems: list[str] = []
+    for split, spec in (meta or {}).get("splits", {}).items():
+        entries = (spec or {}).get("blend") or (spec or {}).get("blend_epochized") or []
+        if "path" in (spec or {}):
+            entries = [spec]
+        for i, entry in enumerate(entries):
+            where = f"{path}: splits.{split}.blend[{i}] ({entry.get('path')})"
+            override = (entry.get("subflavors") or {}).get("resolution")
+            if override is not None:
+                problems += check_resolution_override(override, config, where)
+            inner = path.parent / str(entry.get("path", ""))
+            if inner.suffix in (".yaml", ".yml") and inner.is_file():
+                check_metadataset(inner, config)
+    if problems:
+        raise ConfigError("invalid dataset settings:\n  " + "\n  ".join(problems))
+
+
+def check_split_part(path: Path, split: str) -> None:
+    """A dataset folder must be energon-prepared and hold the split part asked for."""
+    if not path.is_dir():
+        return  # a metadataset: energon names a missing split itself
+    split_file = path / ".nv-meta" / "split.yaml"
+    if not split_file.is_file():
+        raise ValueError(
+            f"data path {str(path)!r} is not a prepared dataset (no .nv-meta/split.yaml); write it with "
+            f"tools/prepare_data.py, or run `energon prepare` on existing WebDataset shards"
+        )
+    with open(split_file, encoding="utf-8") as f:
+        parts = sorted((yaml.safe_load(f) or {}).get("split_parts") or {})
+    if split not in parts:
+        raise ValueError(
+            f"data path {str(path)!r} has split parts {parts} but the loader needs {split!r} "
+            f"(training reads 'train', evaluation 'val'; tools/prepare_data.py --split names it)"
+        )
+
+
+def truncated_shards(dataset_dir: Path, split: str) -> list[str]:
+    """Shards of a prepared folder that are shorter than energon's index says
+    (copied or synced partially after preparation), with the samples lost."""
+    split_file = dataset_dir / ".nv-meta" / "split.yaml"
+    with open(split_file, encoding="utf-8") as f:
+        patterns = ((yaml.safe_load(f) or {}).get("split_parts") or {}).get(split) or []
+    shards = [name for pattern in patterns for name in braceexpand.braceexpand(pattern)]
+    problems = []
+    for shard in shards:
+        tar, index = dataset_dir / shard, dataset_dir / (shard + ".idx")
+        if not tar.is_file() or not index.is_file():
+            problems.append(f"{tar}: missing (or its .idx index is)")
+            continue
+        data = index.read_bytes()
+        # The index holds every sample's start offset and then the end of the last one.
+        offsets = struct.unpack(f"<{len(data) // 8}Q", data)
+        size = tar.stat().st_size
+        if offsets and size < offsets[-1]:
+            lost = sum(1 for end in offsets[1:] if end > size)
+            problems.append(f"{tar}: {size} bytes but the index expects {offsets[-1]}; {lost} of "
+                            f"{len(offsets) - 1} samples cut off")
+    return problems
+
+
+def dataset_name(crude: dict) -> str:
+    """The name metrics use: ``subflavors.name``, else the dataset folder's name."""
+    name = (crude.get("__subflavors__") or {}).get("name")
+    if name:
+        return str(name)
+    sources = crude.get("__sources__") or ()
+    if sources:
+        return Path(str(sources[0].dataset_path)).name
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------
+# The task encoder (runs in energon's worker processes)
+# ---------------------------------------------------------------------------
+
+
+def _energon():
+    # Imported on first use: megavl's model code and tools do not need energon.
+    import megatron.energon as energon
+
+    return energon
+
+
+def _crude_as_is(crude: dict) -> dict:
+    return crude
+
+
+def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional[int]):
+    """A megatron-energon TaskEncoder for megavl's records (class built lazily, see _energon)."""
+    energon = _energon()
+    stateless = energon.stateless
+
+    class VLMTaskEncoder(energon.DefaultTaskEncoder):
+        cookers = [energon.Cooker(stateless(energon.task_encoder.cooking.cooker(_crude_as_is)))]
+        # Members stay bytes: images are decoded by megavl's back end.
+        decoder = None
+        # Failures are reported in-band, so energon's own tolerance only
+        # catches bugs in this class.
+        __default_failure_tolerance__ = 100
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = config
+            self.seq_length = config.train.seq_length
+            self.merge = config.model.vision.spatial_merge_size
+            self.max_pixels = max_pixels
+            self.tokenizer = tokenizer
+            self.seed = seed
+            self._decoder: Optional[RecordDecoder] = None
+
+        def _record_decoder(self) -> RecordDecoder:
+            # Built in the worker process: the auto back end measures there.
+            if self._decoder is None:
+                backend = select_backend(self.config.data.image_backend)
+                self._decoder = RecordDecoder(self.tokenizer, self.config, self.seed, backend)
+            return self._decoder
+
+        @stateless
+        def encode_sample(self, crude: dict) -> dict:
+            key = str(crude.get("__key__"))
+            item = {"__restore_key__": crude["__restore_key__"], "key": key, "dataset": dataset_name(crude),
+                    "sample": None, "failure": None}
+            members = {k: v for k, v in crude.items() if not k.startswith("__")}
+            try:
+                policy = resolution_for(self.config, crude.get("__subflavors__") or {})
+                item["sample"] = self._record_decoder().decode(key, members, policy, self.max_pixels)
+            except RecordSkip as skip:
+                item["failure"] = (skip.reason, skip.detail)
+            except Exception as e:  # noqa: BLE001 - counted and logged with the key, see module doc
+                item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
+            return item
+
+        def select_samples_to_pack(self, items: list[dict]) -> list[list[dict]]:
+            return select_packs(items, self.config)
+
+        @stateless
+        def pack_selected_samples(self, items: list[dict]) -> dict:
+            samples = [i["sample"] for i in items if i["failure"] is None]
+            row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
+                           pad_token_id(self.tokenizer))
+            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items],
+                    "has_samples": bool(samples)}
+
+        @stateless
+        def batch(self, packs: list[dict]) -> dict:
+            return collate_packs(packs, self.config, self.tokenizer)
+
+    return VLMTaskEncoder()
+
+
+def _item_summary(item: dict) -> dict:
+    return {"dataset": item["dataset"], "key": item["key"], "failure": item["failure"]}
+
+
+def _vision_tokens(sample: Sample, merge: int) -> int:
+    return sum(image.num_tokens(merge) for image in sample.images)
+
+
+def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
+    """Groups a buffer of encoded records into packs.
+
+    First-fit decreasing over the buffer (longest first gives the tightest
+    packs); records that fit no pack are marked with the reason and, with the
+    records that failed to decode, ride along in the first pack so they are
+    counted by the training process.
+    """
+    d, merge = config.data, config.model.vision.spatial_merge_size
+    riders, good = [], []
+    for item in items:
+        sample = item["sample"]
+        if item["failure"] is None:
+            if len(sample) > config.train.seq_length:
+                item["failure"] = ("too_long", f"{len(sample)} tokens > train.seq_length {config.train.seq_length}")
+            elif len(sample.images) > d.max_images_per_pack:
+                item["failure"] = ("too_many_images",
+                                   f"{len(sample.images)} images > data.max_images_per_pack {d.max_images_per_pack}")
+            elif d.max_vision_tokens_per_pack and _vision_tokens(sample, merge) > d.max_vision_tokens_per_pack:
+                item["failure"] = ("too_many_vision_tokens",
+                                   f"{_vision_tokens(sample, merge)} vision tokens > "
+                                   f"data.max_vision_tokens_per_pack {d.max_vision_tokens_per_pack}")
+        if item["failure"] is None:
+            good.append(item)
+        else:
+            item["sample"] = None  # no need to ship pixels that will not be used
+            riders.append(item)
+    packer = GreedyPacker(config.train.seq_length, d.max_images_per_pack, buffer_size=max(1, len(good)),
+                          max_vision_tokens_per_pack=d.max_vision_tokens_per_pack, spatial_merge_size=merge)
+    by_sample = {id(item["sample"]): item for item in good}
+    packs: list[list[dict]] = []
+    for item in sorted(good, key=lambda i: len(i["sample"]), reverse=True):
+        packs += [[by_sample[id(s)] for s in pack] for pack in packer.add(item["sample"])]
+    packs += [[by_sample[id(s)] for s in pack] for pack in packer.flush()]
+    if riders:
+        if packs:
+            packs[0] = riders + packs[0]
+        else:
+            packs.append(riders)
+    return packs
+
+
+def empty_row(config: Config, tokenizer) -> dict:
+    return pack_row([], config.train.seq_length, config.model.lm.image_token_id,
+                    config.model.vision.spatial_merge_size, pad_token_id(tokenizer))
+
+
+def collate_packs(packs: list[dict], config: Config, tokenizer) -> dict:
+    """packs -> one microbatch of train.micro_batch_size rows (all-padding rows
+    fill a short last batch of a finite stream) with its data statistics."""
+    rows = [p["row"] for p in packs]
+    rows += [empty_row(config, tokenizer) for _ in range(config.train.micro_batch_size - len(rows))]
+    batch = collate_rows(rows)
+    read: dict[str, int] = {}
+    failed: dict[str, dict[str, int]] = {}
+    failures = []
+    for pack in packs:
+        for item in pack["items"]:
+            read[item["dataset"]] = read.get(item["dataset"], 0) + 1
+            if item["failure"] is not None:
+                reason, detail = item["failure"]
+                counts = failed.setdefault(item["dataset"], {})
+                counts[reason] = counts.get(reason, 0) + 1
+                failures.append((item["dataset"], item["key"], reason, detail))
+    merge = config.model.vision.spatial_merge_size
+    grid = batch["image_grid_thw"]
+    batch["data_stats"] = {
+        "rows": len(rows),
+        "real_tokens": int((batch["document_ids"] >= 0).sum()),
+        "vision_tokens": int(grid.prod(dim=1).sum()) // (merge * merge) if grid is not None else 0,
+        "read": read,
+        "failed": failed,
+        "failures": failures,
+    }
+    return batch
+
+
+# ---------------------------------------------------------------------------
+# The stream the trainer iterates
+# ---------------------------------------------------------------------------
+
+
+class EnergonDataStream:
+    """Microbatches for one data-parallel rank (``rank`` of ``world_size``).
+
+    split "train" repeats forever (shuffled, blended); any other split makes
+    one pass in order and then stops. ``max_pixels`` caps native resolution
+    (the progressive schedule); set_max_pixels changes it in place of a
+    running stream without losing or repeating data.
+    """
+
+    def __init__(self, path, tokenizer, config: Config, rank: int, world_size: int, seed: int,
+                 split: str = "train", max_pixels: Optional[int] = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        # Object storage (energon's multi-storage-client URLs, e.g. msc://profile/bucket/data)
+        # is handed to energon as it is; the local checks below need a file system.
+        self.path = str(path) if "://" in str(path) else Path(path)
+        if isinstance(self.path, Path):
+            self._check_local(split, config)
+        self.tokenizer = tokenizer
+        self.config = config
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.split = split
+        self.max_pixels = max_pixels
+        self.stats = DataStats(seq_length=config.train.seq_length)
+        self._loader = self._build()
+        self._iterator = None
+        # The energon state last restored, for a rebuild before the first batch.
+        self._restored: Optional[Any] = None
+
+    def _check_local(self, split: str, config: Config) -> None:
+        if not self.path.exists():
+            raise FileNotFoundError(f"data path {str(self.path)!r} does not exist")
+        check_split_part(self.path, split)
+        if self.path.is_dir():
+            # Energon's reader stops the whole loader at a cut-off tar, so it is caught here, up front.
+            problems = truncated_shards(self.path, split)
+            if problems:
+                raise ValueError(
+                    "truncated shards (restore the files, or re-run tools/prepare_data.py; to train "
+                    "without them list them under `exclude:` in .nv-meta/split.yaml):\n  " + "\n  ".join(problems)
+                )
+        check_metadataset(self.path, config)
+
+    def _build(self):
+        energon = _energon()
+        d = self.config.data
+        worker_config = energon.WorkerConfig(rank=self.rank, world_size=self.world_size,
+                                             num_workers=d.num_workers, seed_offset=self.seed)
+        encoder = make_task_encoder(self.config, self.tokenizer, self.seed, self.max_pixels)
+        common = dict(worker_config=worker_config, batch_size=self.config.train.micro_batch_size,
+                      packing_buffer_size=d.packing_buffer_size, task_encoder=encoder)
+        if self.split == "train":
+            dataset = energon.get_train_dataset(
+                self.path, split_part="train", shuffle_buffer_size=d.shuffle_buffer_size,
+                max_samples_per_sequence=d.max_samples_per_sequence, **common)
+        else:
+            dataset = energon.get_val_dataset(self.path, split_part=self.split, **common)
+        return energon.get_savable_loader(dataset, watchdog_timeout_seconds=None)
+
+    def __iter__(self) -> "EnergonDataStream":
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self._loader)
+        batch = next(self._iterator)
+        stats = batch.pop("data_stats")
+        batch.pop("__restore_key__", None)
+        for name, key, reason, detail in stats["failures"]:
+            logger.warning("skipped sample %r of dataset %r: %s (%s)", key, name, reason, detail)
+        self.stats.add(stats)
+        batch["vision_tokens"] = stats["vision_tokens"]
+        return batch
+
+    def set_max_pixels(self, max_pixels: Optional[int]) -> None:
+        """Rebuilds the loader with another cap, continuing from the same position."""
+        if max_pixels == self.max_pixels:
+            return
+        state = self._loader.save_state_rank() if self._iterator is not None else self._restored
+        self.close()
+        self.max_pixels = max_pixels
+        self._loader = self._build()
+        if state is not None:
+            self._loader.restore_state_rank(state)
+
+    def close(self) -> None:
+        self._iterator = None
+        shutdown = getattr(self._loader, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def state_dict(self) -> dict:
+        return {
+            "format": _STATE_FORMAT,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.config.data.num_workers,
+            "energon": self._loader.save_state_rank(),
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"data stream state has format {state.get('format')!r}, expected {_STATE_FORMAT} "
+                "(a checkpoint written before the energon loader cannot resume its data position)"
+            )
+        for name, mine in (("rank", self.rank), ("world_size", self.world_size),
+                           ("num_workers", self.config.data.num_workers)):
+            if state[name] != mine:
+                raise ValueError(
+                    f"data stream state was saved with {name} = {state[name]} but this run has {mine}; "
+                    "energon resumes only under the same data-parallel rank, size and data.num_workers"
+                )
+        self._iterator = None
+        self._restored = state["energon"]
+        self._loader.restore_state_rank(state["energon"])
+        self.stats.load_state_dict(state["stats"])

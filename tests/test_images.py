@@ -1,0 +1,58 @@
+"""Image decoding and the native-resolution rule, the first stage of every record."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from megavl.config import Config
+
+
+def image_bytes(rng: random.Random, size: tuple[int, int], fmt: str) -> bytes:
+    height, width = size
+    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    image.putpixel((1, 1), (255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_decode_image_refuses_corrupt_bytes_and_bombs():
+    from megavl.data.images import ImageDecodeError, decode_image
+
+    data = image_bytes(random.Random(1), (100, 100), "png")
+    assert decode_image(data).size == (100, 100)
+    with pytest.raises(ImageDecodeError, match="corrupt|unreadable"):
+        decode_image(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="unreadable"):
+        decode_image(b"not an image")
+    # Refused from the header alone: the size check runs before any pixel is decoded.
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(data[:100], max_pixels_allowed=5000)
+
+
+def test_image_preprocessing_matches_qwen2_vl_reference():
+    reference = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    from megavl.data.images import image_to_model_input, smart_resize
+
+    rng = random.Random(2)
+    for _ in range(2000):
+        h, w = rng.randint(1, 4000), rng.randint(1, 4000)
+        if max(h, w) / min(h, w) <= 200:
+            assert smart_resize(h, w, 28, 3136, 50176) == reference.smart_resize(h, w, 28, 3136, 50176)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 2010)
+
+    config = Config()
+    config.data.resolution.max_pixels = 50176
+    pixels = torch.randint(0, 256, (300, 200, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    processor = reference.Qwen2VLImageProcessorPil(min_pixels=config.data.resolution.min_pixels, max_pixels=config.data.resolution.max_pixels)
+    expected = processor(images=[image], return_tensors="pt")
+    patches = image_to_model_input(image, config)
+    assert patches.grid_thw == tuple(expected["image_grid_thw"][0].tolist())
+    torch.testing.assert_close(patches.pixel_values, expected["pixel_values"], atol=1e-5, rtol=0)
