@@ -12,9 +12,19 @@ import argparse
 import logging
 import os
 import time
+import warnings
 
-import torch
-import torch.distributed as dist
+# The trainer prints its own progress line; energon's buffer-filling bars would
+# interleave with it. tqdm reads this when it is first imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+# megatron-core calls these collectives by their older names every step; the
+# deprecation is torch's business with megatron, not something a user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                        category=FutureWarning)
 
 
 def parse_args() -> argparse.Namespace:
@@ -222,8 +232,6 @@ def _data_parallel_group():
 
 
 def main() -> None:
-    # The trainer prints its own progress line; energon's buffer-filling bars would interleave with it.
-    os.environ.setdefault("TQDM_DISABLE", "1")
     from megavl.config import config_from_args
     from megavl.platform.distributed import world_size_from_env
 
