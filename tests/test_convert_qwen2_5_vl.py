@@ -211,7 +211,8 @@ def test_a_layout_the_model_cannot_be_split_into_is_refused(hf, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_refuses_bidirectional_image_attention(imported, tmp_path):
+def test_the_standard_class_refuses_bidirectional_image_attention(imported, tmp_path):
+    """Such a model exports to megavl's remote-code class (tests/test_convert_remote_code.py), not this one."""
     from megavl.convert import UnsupportedModelError, export_to_hf
 
     ckpt = tmp_path / "ckpt"
@@ -219,7 +220,7 @@ def test_export_refuses_bidirectional_image_attention(imported, tmp_path):
     yaml_path = ckpt / "megavl_config.yaml"
     yaml_path.write_text(yaml_path.read_text().replace("image_attention: causal", "image_attention: bidirectional"))
     with pytest.raises(UnsupportedModelError, match=r"image_attention = bidirectional: .*attends causally.*remote-code"):
-        export_to_hf(str(ckpt), str(tmp_path / "out"), log=quiet)
+        export_to_hf(str(ckpt), str(tmp_path / "out"), architecture="Qwen2_5_VLForConditionalGeneration", log=quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -244,7 +245,7 @@ def _checkpoint_with_vision_lora(imported, folder, enabled: bool):
     (folder / "megavl_config.yaml").write_text(dump_config(config))
 
 
-def test_export_leaves_out_disabled_vision_lora_and_refuses_active_one(imported, tmp_path):
+def test_export_leaves_out_disabled_vision_lora_and_the_standard_class_refuses_active_one(imported, tmp_path):
     from megavl.convert import UnsupportedModelError, export_to_hf
 
     _checkpoint_with_vision_lora(imported, tmp_path / "disabled", enabled=False)
@@ -254,7 +255,8 @@ def test_export_leaves_out_disabled_vision_lora_and_refuses_active_one(imported,
 
     _checkpoint_with_vision_lora(imported, tmp_path / "active", enabled=True)
     with pytest.raises(UnsupportedModelError, match=r"vision_lora: mlp_rank = 4, attn_rank = 2.*remote-code"):
-        export_to_hf(str(tmp_path / "active"), str(tmp_path / "hf_active"), log=quiet)
+        export_to_hf(str(tmp_path / "active"), str(tmp_path / "hf_active"),
+                     architecture="Qwen2_5_VLForConditionalGeneration", log=quiet)
 
 
 @pytest.mark.slow

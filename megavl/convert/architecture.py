@@ -58,6 +58,11 @@ class Architecture(abc.ABC):
     def table(self, config: Config) -> MappingTable:
         ...
 
+    def remote_code_files(self) -> list[str]:
+        """Python files the exported folder needs for trust_remote_code=True (none for
+        classes that ship with transformers)."""
+        return []
+
     def canonical_hf_name(self, stored: str) -> str:
         for prefix, canonical in self.hf_aliases:
             if stored.startswith(prefix):

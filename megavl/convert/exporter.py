@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -104,6 +105,8 @@ def export_to_hf(
             writer.add(name, value)
     shards = writer.close()
     hf_config.save_pretrained(out_dir)
+    for path in arch.remote_code_files():
+        shutil.copyfile(path, os.path.join(out_dir, os.path.basename(path)))
     write_json(os.path.join(out_dir, PREPROCESSOR_NAME), qwen_common.preprocessor_config(config))
     if tok is not None:
         tok.save_pretrained(out_dir)

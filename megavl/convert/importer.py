@@ -101,7 +101,7 @@ def write_converted_checkpoint(
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         for line in header:
             f.write(f"# {line}\n")
-        f.write("# model.lm.image_attention is causal to reproduce the Hugging Face model.\n")
+        f.write(f"# model.lm.image_attention is {config.model.lm.image_attention} to reproduce the Hugging Face model.\n")
         f.write(dump_config(config))
     written = len(megavl)
     del model, megavl

@@ -240,6 +240,28 @@ class StackedExperts(Mapping):
         return [torch.stack([self._orient(m) for m in megavl])]
 
 
+class SharedLoRAInput(Mapping):
+    """megavl's LoRA A of a fused linear <-> one identical copy per split part.
+
+    megavl adapts the fused q/k/v (or gate/up) projection with one A; split into
+    separate projections, each part gets that same A (and its rows of B), which
+    computes exactly the same outputs.
+    """
+
+    def to_megavl(self, hf):
+        for name, tensor in zip(self.hf[1:], hf[1:]):
+            if not torch.equal(tensor, hf[0]):
+                raise ConversionError(
+                    f"{name} differs from {self.hf[0]}: megavl's adapter shares one LoRA A across the parts "
+                    "of a fused projection, so these must be equal"
+                )
+        return hf[0]
+
+    def to_hf(self, tensor):
+        # Copies: the safetensors writer refuses tensors that share memory.
+        return [tensor.clone() for _ in self.hf]
+
+
 class MegavlOnly(Mapping):
     """A megavl tensor without a Hugging Face counterpart (e.g. vision-only LoRA adapters).
 

@@ -41,6 +41,8 @@ class Qwen2_5_VL(Architecture):
     name = "Qwen2_5_VLForConditionalGeneration"
     model_type = "qwen2_5_vl"
     hf_aliases = common.HF_ALIASES
+    # Whether the model class has megavl's bidirectional image attention and vision LoRA.
+    megavl_features = False
 
     def config_class(self):
         from transformers import Qwen2_5_VLConfig
@@ -54,7 +56,8 @@ class Qwen2_5_VL(Architecture):
 
     def table(self, config: Config) -> MappingTable:
         return MappingTable(
-            vision_mappings(config) + common.adapter_mappings(norm_bias=False) + common.lm_mappings(config),
+            vision_mappings(config) + common.adapter_mappings(norm_bias=False)
+            + common.lm_mappings(config, with_lora=self.megavl_features and config.model.lm.vision_lora.enabled),
             ignorable_hf=common.ignorable_hf_tensors(config),
         )
 
@@ -100,7 +103,7 @@ class Qwen2_5_VL(Architecture):
 
     def export_problems(self, config: Config) -> list[str]:
         v = config.model.vision
-        problems = common.lm_export_problems(config)
+        problems = common.lm_export_problems(config, megavl_features=self.megavl_features)
         if v.norm != "rmsnorm":
             problems.append(f"model.vision.norm = {v.norm}: Qwen2.5-VL's vision tower uses rmsnorm")
         if v.mlp != "swiglu":

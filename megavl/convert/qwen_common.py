@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Optional
 
 from megavl.config import Config, LMConfig
-from megavl.convert.mapping import QKV, Direct, GatedMLP, Mapping, MegavlOnly, Replicated
+from megavl.convert.mapping import QKV, Direct, GatedMLP, Mapping, MegavlOnly, Replicated, SharedLoRAInput
 from megavl.data import tokenizer as tok
 from megavl.data.images import IMAGE_MEAN, IMAGE_STD
 
@@ -35,7 +35,7 @@ LORA_NOTE = (
 _LORA_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
-def lm_mappings(config: Config) -> list[Mapping]:
+def lm_mappings(config: Config, with_lora: bool = False) -> list[Mapping]:
     lm = config.model.lm
     heads, groups = lm.num_attention_heads, lm.num_query_groups
     mappings: list[Mapping] = [
@@ -53,10 +53,32 @@ def lm_mappings(config: Config) -> list[Mapping]:
     ]
     if not lm.tie_embeddings:
         mappings.append(Direct("language_model.output_layer.weight", "lm_head.weight"))
-    # Vision-only LoRA adapters exist only in megavl; lm_export_problems refuses
-    # a model in which they are active.
-    mappings += [MegavlOnly(f"{_LM}{linear}.{part}") for linear in _LORA_LINEARS for part in ("lora_a", "lora_b")]
+    if with_lora:
+        mappings += lora_mappings(config)
+    else:
+        # Vision-only LoRA adapters exist only in megavl; lm_export_problems refuses
+        # a model in which they are active.
+        mappings += [MegavlOnly(f"{_LM}{linear}.{part}") for linear in _LORA_LINEARS for part in ("lora_a", "lora_b")]
     return mappings
+
+
+def lora_mappings(config: Config) -> list[Mapping]:
+    """Vision-only LoRA adapters <-> the lora_a / lora_b of megavl's remote-code model class."""
+    lm = config.model.lm
+    heads, groups = lm.num_attention_heads, lm.num_query_groups
+    attn = _HF + "self_attn."
+    return [
+        SharedLoRAInput(_LM + "self_attention.linear_qkv.lora_a",
+                        attn + "q_proj.lora_a", attn + "k_proj.lora_a", attn + "v_proj.lora_a"),
+        QKV(_LM + "self_attention.linear_qkv.lora_b",
+            attn + "q_proj.lora_b", attn + "k_proj.lora_b", attn + "v_proj.lora_b", heads, groups),
+        Direct(_LM + "self_attention.linear_proj.lora_a", attn + "o_proj.lora_a"),
+        Direct(_LM + "self_attention.linear_proj.lora_b", attn + "o_proj.lora_b"),
+        SharedLoRAInput(_LM + "mlp.linear_fc1.lora_a", _HF + "mlp.gate_proj.lora_a", _HF + "mlp.up_proj.lora_a"),
+        GatedMLP(_LM + "mlp.linear_fc1.lora_b", _HF + "mlp.gate_proj.lora_b", _HF + "mlp.up_proj.lora_b"),
+        Direct(_LM + "mlp.linear_fc2.lora_a", _HF + "mlp.down_proj.lora_a"),
+        Direct(_LM + "mlp.linear_fc2.lora_b", _HF + "mlp.down_proj.lora_b"),
+    ]
 
 
 def ignorable_hf_tensors(config: Config) -> tuple[str, ...]:
@@ -178,13 +200,14 @@ def apply_preprocessor(config: Config, preprocessor: Optional[dict], problems: l
 # ---------------------------------------------------------------------------
 
 
-def lm_export_problems(config: Config) -> list[str]:
+def lm_export_problems(config: Config, megavl_features: bool = False) -> list[str]:
+    """Why the Qwen2 LM cannot reproduce config's; megavl_features: the remote-code
+    class, which also has bidirectional image attention and vision LoRA."""
     lm, problems = config.model.lm, []
-    if lm.image_attention != "causal":
+    if lm.image_attention != "causal" and not megavl_features:
         problems.append(
             f"model.lm.image_attention = {lm.image_attention}: Hugging Face's model class attends causally "
-            "over image tokens, so it would compute different outputs; exporting such a model needs a "
-            "remote-code model class, which is not available yet"
+            "over image tokens, so it would compute different outputs (megavl's remote-code class has it)"
         )
     if lm.rope != "mrope":
         problems.append(f"model.lm.rope = {lm.rope}: the Hugging Face LM uses multimodal RoPE (mrope)")
@@ -193,12 +216,12 @@ def lm_export_problems(config: Config) -> list[str]:
     if lm.qk_layernorm:
         problems.append("model.lm.qk_layernorm = true: the Hugging Face LM has no q/k norms")
     lora = getattr(lm, "vision_lora", None)
-    if lora is not None and lora.enabled and (lora.mlp_rank or lora.attn_rank):
+    if lora is not None and lora.enabled and (lora.mlp_rank or lora.attn_rank) and not megavl_features:
         problems.append(
             f"model.lm.vision_lora: mlp_rank = {lora.mlp_rank}, attn_rank = {lora.attn_rank}, enabled: the "
             "vision-only LoRA adapters change the outputs for image tokens, which Hugging Face's model class "
-            "cannot express; exporting them needs a remote-code model class, which is not available yet "
-            "(a model whose adapters are disabled, enabled: false, is exported without them)"
+            "cannot express (megavl's remote-code class has them; a model whose adapters are disabled, "
+            "enabled: false, is exported without them)"
         )
     experts = getattr(getattr(lm, "moe", None), "num_experts", 0)
     if experts:

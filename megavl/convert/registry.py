@@ -6,10 +6,15 @@ from megavl.config import Config
 from megavl.convert.architecture import Architecture
 from megavl.convert import qwen3_moe
 from megavl.convert.errors import ConversionError, UnsupportedArchitectureError, UnsupportedModelError
+from megavl.convert.megavl_qwen2_5_vl import MegavlQwen2_5_VL
 from megavl.convert.qwen2_5_vl import Qwen2_5_VL
 from megavl.convert.qwen2_vl import Qwen2_VL
 
-ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (Qwen2_5_VL(), Qwen2_VL())}
+# Export tries them in this order: the standard classes first, megavl's
+# remote-code class only for models with features the standard ones lack.
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch for arch in (Qwen2_5_VL(), Qwen2_VL(), MegavlQwen2_5_VL())
+}
 
 # Language models without a vision tower: they import only paired with the vision
 # tower of another checkpoint (megavl.convert.pairing), named by --vision-from.
