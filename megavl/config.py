@@ -83,6 +83,10 @@ class MoEConfig:
     aux_loss_coeff: float = 1e-2
     z_loss_coeff: float = 1e-3
     dispatcher: str = "alltoall"
+    # True: the top-k probabilities are renormalised to sum to one (softmax over
+    # the chosen logits); False: each chosen expert keeps its softmax probability
+    # over all experts (megatron's moe_router_pre_softmax; Qwen3 norm_topk_prob=false).
+    normalize_top_k: bool = True
 
 
 @dataclass

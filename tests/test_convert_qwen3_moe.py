@@ -122,7 +122,6 @@ def test_missing_expert_tensor_is_listed_by_name(hf, megatron_world, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("norm_topk_prob", False, r"norm_topk_prob = false: .*moe_router_pre_softmax.*\(valid: true\)"),
     ("attention_bias", True, r"attention_bias = true"),
     ("hidden_size", 48, r"out_hidden_size = 64 .* must equal the Qwen3-MoE hidden_size = 48"),
 ])
@@ -139,16 +138,28 @@ def test_configs_megavl_cannot_reproduce_are_refused(hf, tmp_path, field, value,
     assert not (tmp_path / "out").exists()
 
 
-def test_unnormalised_topk_really_differs_from_megavl_routing(hf):
-    """Why norm_topk_prob = false is refused: Hugging Face's outputs change with it."""
+def test_unnormalised_top_k_imports_with_verified_logits_and_exports_back(hf, megatron_world, tmp_path):
+    """norm_topk_prob = false maps to model.lm.moe.normalize_top_k = false (megatron's
+    pre-softmax routing); the logits differ from the normalised model's, so matching them
+    proves the routing."""
     from transformers import Qwen3MoeForCausalLM
 
+    from megavl.convert.pairing import export_language_model, import_pairing
+
+    def edit(data):
+        data["norm_topk_prob"] = False
+
+    _rewrite_lm(hf[0], tmp_path / "unnormalised", edit_config=edit)
     original = hf[2]
-    config = original.config.__class__.from_dict({**original.config.to_dict(), "norm_topk_prob": False})
-    unnormalised = Qwen3MoeForCausalLM(config)
-    unnormalised.load_state_dict(original.state_dict())
+    unnormalised = Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "unnormalised"), dtype=torch.float32).eval()
     ids = torch.tensor([[7, 30, 200, 11]])
-    assert not torch.allclose(original(input_ids=ids).logits, unnormalised.eval()(input_ids=ids).logits, atol=1e-4)
+    assert not torch.allclose(original(input_ids=ids).logits, unnormalised(input_ids=ids).logits, atol=1e-4)
+
+    result = import_pairing(str(tmp_path / "unnormalised"), str(hf[1]), str(tmp_path / "ckpt"), verify=True, log=quiet)
+    assert result.config.model.lm.moe.normalize_top_k is False
+    assert result.verification.ok, result.verification.describe()
+    export_language_model(str(tmp_path / "ckpt"), str(tmp_path / "lm"), verify=True, log=quiet)
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["norm_topk_prob"] is False
 
 
 def test_cli_needs_vision_from_for_a_language_model(hf, tmp_path, capsys):

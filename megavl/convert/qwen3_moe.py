@@ -10,11 +10,11 @@ one parameter once loaded.
 
 Routing: Hugging Face takes softmax over all experts, keeps the top k and,
 with `norm_topk_prob`, divides them by their sum. megavl's router is
-megatron's TopKRouter with its default `moe_router_pre_softmax = False`:
-top k of the logits, then softmax over those k, which is the same
-renormalised distribution. Without `norm_topk_prob` the weights would stay
-unnormalised, which megavl's config cannot ask megatron for, so such models
-are refused.
+megatron's TopKRouter: with `model.lm.moe.normalize_top_k` (megatron's
+`moe_router_pre_softmax = False`) it takes the top k of the logits and a
+softmax over those k, the same renormalised distribution; without it
+(`moe_router_pre_softmax = True`) a softmax over all experts and then the
+top k, as Hugging Face does without `norm_topk_prob`.
 
 The vision tower and adapter come from a Qwen2.5-VL checkpoint (see
 megavl.convert.pairing); this module only knows the language model.
@@ -118,13 +118,6 @@ def lm_config(hf_config, image_token_id: int, problems: list[str]) -> LMConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         problems.append(f"rope_parameters.rope_type = {rope_type!r}: only default RoPE is supported (valid: 'default')")
-    if c.num_experts and not c.norm_topk_prob:
-        problems.append(
-            "norm_topk_prob = false: Hugging Face then weights each expert by its softmax probability over "
-            "all experts, while megavl's router (megatron TopKRouter, moe_router_pre_softmax = false) "
-            "renormalises the top-k probabilities to sum to one; megavl's config has no option for the "
-            "unnormalised weights (valid: true)"
-        )
     if c.num_experts and c.num_experts_per_tok > c.num_experts:
         problems.append(f"num_experts_per_tok = {c.num_experts_per_tok}: more than num_experts = {c.num_experts}")
     if image_token_id >= c.vocab_size:
@@ -142,6 +135,7 @@ def lm_config(hf_config, image_token_id: int, problems: list[str]) -> LMConfig:
             ffn_hidden_size=c.moe_intermediate_size,
             dense_layers=dense_layers(c),
             aux_loss_coeff=float(c.router_aux_loss_coef),
+            normalize_top_k=bool(c.norm_topk_prob),
         )
     return dataclasses.replace(
         defaults,
@@ -195,7 +189,7 @@ def hf_config(config: Config, base: Optional[dict] = None):
         num_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k if moe.num_experts else 1,
         moe_intermediate_size=moe.ffn_hidden_size or lm.ffn_hidden_size,
-        norm_topk_prob=True,
+        norm_topk_prob=moe.normalize_top_k,
         decoder_sparse_step=1,
         mlp_only_layers=list(moe.dense_layers),
         router_aux_loss_coef=moe.aux_loss_coeff,

@@ -85,6 +85,7 @@ def _moe_fields(config: Config) -> dict:
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.top_k,
+        moe_router_pre_softmax=not moe.normalize_top_k,
         moe_ffn_hidden_size=moe.ffn_hidden_size or lm.ffn_hidden_size,
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_layer_freq=[0 if i in moe.dense_layers else 1 for i in range(lm.num_layers)],
