@@ -60,7 +60,7 @@ GOOD_KEYS = {f"k{i:03d}" for i in range(21)}
 
 
 def _samples_with_faults() -> list[list[dict]]:
-    """21 usable samples and three bad ones, in three shards."""
+    """21 usable samples, three bad ones and one longer than train.seq_length, in three shards."""
     rng = random.Random(0)
     good = [record(rng, f"k{i:03d}", rng.randint(0, 2)) for i in range(21)]
     bad_image = record(rng, "bad-image", 1)
@@ -70,7 +70,12 @@ def _samples_with_faults() -> list[list[dict]]:
     del missing_image[next(k for k in missing_image if k.startswith("img1"))]
     bad_json = record(rng, "bad-json", 0)
     bad_json["json"] = b'{"id": "bad-json", "conversations": ['
-    return [good[0:3] + [bad_image] + good[3:6], good[6:9] + [missing_image, bad_json] + good[9:12], good[12:21]]
+    too_long = record(rng, "too-long", 1)
+    meta = json.loads(too_long["json"])
+    meta["conversations"][0]["content"] += " Describe it." * 300
+    too_long["json"] = json.dumps(meta).encode()
+    return [good[0:3] + [bad_image] + good[3:6], good[6:9] + [missing_image, bad_json] + good[9:12],
+            good[12:16] + [too_long] + good[16:21]]
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +128,13 @@ def test_one_pass_skips_bad_samples_and_logs_them(datasets, tokenizer, caplog):
     for batch in batches:
         assert batch["tokens"].shape == (2, 256)
         assert int(batch["loss_mask"].sum()) > 0
-    assert data.stats.skipped == {"bad_image": 1, "missing_image": 1, "bad_json": 1}
-    assert data.stats.read == {"val": 24}
+    assert data.stats.skipped == {"bad_image": 1, "missing_image": 1, "bad_json": 1, "too_long": 1}
+    assert data.stats.read == {"val": 25}
     assert data.stats.real_tokens == sum(int((b["document_ids"] >= 0).sum()) for b in batches)
     assert 0 < data.stats.packing_efficiency <= 1
     messages = [r.getMessage() for r in caplog.records]
-    for key, reason in [("bad-image", "bad_image"), ("missing-image", "missing_image"), ("bad-json", "bad_json")]:
+    for key, reason in [("bad-image", "bad_image"), ("missing-image", "missing_image"), ("bad-json", "bad_json"),
+                        ("too-long", "too_long")]:
         assert any(f"'{key}'" in m and reason in m for m in messages), (key, messages)
 
 
@@ -154,7 +160,7 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
                 assert x[name] == y[name], name
 
 
-@pytest.mark.parametrize("consumed, workers, world_size", [(1, 0, 1), (7, 0, 2), (3, 2, 1)])
+@pytest.mark.parametrize("consumed, workers, world_size", [(1, 0, 1), (2, 0, 1), (7, 0, 2), (3, 2, 1)])
 def test_resume_yields_exactly_the_uninterrupted_batches(datasets, tokenizer, consumed, workers, world_size):
     config = make_config(num_workers=workers)
     following = 5
@@ -297,5 +303,24 @@ def test_failures_count_toward_the_rate_through_the_stream(datasets, tokenizer):
     config = make_config(max_failure_rate=0.1, failure_check_min_samples=10)
     data = stream(datasets["val"], tokenizer, config, split="val")
     list(data)
-    with pytest.raises(DataFailureRateError, match="dataset 'val': 3 of 24"):
+    with pytest.raises(DataFailureRateError, match="dataset 'val': 4 of 25"):
         check_failure_rates(data.stats.read, data.stats.failed, config)
+
+
+def test_a_restored_pack_finds_its_unpackable_riders_again(tokenizer):
+    """Energon restores a pack by re-encoding its records, without the marks select_packs made:
+    a rider longer than seq_length must be recognised again, not packed."""
+    from megavl.data.batch import Sample
+    from megavl.data.energon_stream import make_task_encoder
+
+    config = make_config()
+    encoder = make_task_encoder(config, tokenizer, seed=3, max_pixels=None)
+
+    def item(key, length):
+        sample = Sample(tokens=[20] * length, labels=[-100] * (length - 1) + [20], turn_ids=[0] * length,
+                        images=[], key=key)
+        return {"__restore_key__": (), "key": key, "dataset": "d", "sample": sample, "failure": None}
+
+    pack = encoder.pack_selected_samples([item("long", 300), item("short", 40)])
+    assert [(i["key"], i["failure"] and i["failure"][0]) for i in pack["items"]] == [("long", "too_long"), ("short", None)]
+    assert int((pack["row"]["document_ids"] >= 0).sum()) == 40

@@ -301,6 +301,10 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
 
         @stateless
         def pack_selected_samples(self, items: list[dict]) -> dict:
+            # A restored pack arrives re-encoded without the marks select_packs
+            # made, so the riders that broke a budget are found again here.
+            for item in items:
+                mark_unpackable(item, self.config)
             samples = [i["sample"] for i in items if i["failure"] is None]
             row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
                            pad_token_id(self.tokenizer))
@@ -322,6 +326,22 @@ def _vision_tokens(sample: Sample, merge: int) -> int:
     return sum(image.num_tokens(merge) for image in sample.images)
 
 
+def mark_unpackable(item: dict, config: Config) -> None:
+    """Sets the failure of a record that no pack can hold (the budget it breaks)."""
+    sample, d = item["sample"], config.data
+    if item["failure"] is not None:
+        return
+    vision = _vision_tokens(sample, config.model.vision.spatial_merge_size)
+    if len(sample) > config.train.seq_length:
+        item["failure"] = ("too_long", f"{len(sample)} tokens > train.seq_length {config.train.seq_length}")
+    elif len(sample.images) > d.max_images_per_pack:
+        item["failure"] = ("too_many_images",
+                           f"{len(sample.images)} images > data.max_images_per_pack {d.max_images_per_pack}")
+    elif d.max_vision_tokens_per_pack and vision > d.max_vision_tokens_per_pack:
+        item["failure"] = ("too_many_vision_tokens",
+                           f"{vision} vision tokens > data.max_vision_tokens_per_pack {d.max_vision_tokens_per_pack}")
+
+
 def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
     """Groups a buffer of encoded records into packs.
 
@@ -333,17 +353,7 @@ def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
     d, merge = config.data, config.model.vision.spatial_merge_size
     riders, good = [], []
     for item in items:
-        sample = item["sample"]
-        if item["failure"] is None:
-            if len(sample) > config.train.seq_length:
-                item["failure"] = ("too_long", f"{len(sample)} tokens > train.seq_length {config.train.seq_length}")
-            elif len(sample.images) > d.max_images_per_pack:
-                item["failure"] = ("too_many_images",
-                                   f"{len(sample.images)} images > data.max_images_per_pack {d.max_images_per_pack}")
-            elif d.max_vision_tokens_per_pack and _vision_tokens(sample, merge) > d.max_vision_tokens_per_pack:
-                item["failure"] = ("too_many_vision_tokens",
-                                   f"{_vision_tokens(sample, merge)} vision tokens > "
-                                   f"data.max_vision_tokens_per_pack {d.max_vision_tokens_per_pack}")
+        mark_unpackable(item, config)
         if item["failure"] is None:
             good.append(item)
         else:
