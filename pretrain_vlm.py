@@ -177,13 +177,19 @@ def train(config) -> None:
 
 
 def _choose_image_backend(config, metrics) -> None:
-    """Resolves data.image_backend = auto once, on rank 0, for every process and worker of
-    the run: a per-process timing could pick differently and give ranks different pixels."""
-    from megavl.data.image_backends import select_backend
+    """Resolves data.image_backend = auto once per run, on rank 0, for every process and
+    worker: a per-process timing could pick differently and give ranks different pixels.
+    A resumed run keeps the choice its checkpoint records, so it continues bit for bit."""
+    from megavl.data.image_backends import resolve_image_backend
+    from megavl.training.checkpoint import stored_config
 
     if config.data.image_backend != "auto":
         return
-    choice = [select_backend("auto").name.split("-")[0] if dist.get_rank() == 0 else None]
+    choice = [None]
+    if dist.get_rank() == 0:
+        resumed = stored_config(config.checkpoint.load) if config.checkpoint.load else None
+        previous = resumed["data"]["image_backend"] if resumed else None
+        choice = [resolve_image_backend("auto", previous)]
     dist.broadcast_object_list(choice, src=0)
     config.data.image_backend = choice[0]
     metrics.message(f"image back end: {choice[0]} (data.image_backend = auto)")

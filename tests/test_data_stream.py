@@ -311,7 +311,7 @@ def test_a_restored_pack_finds_its_unpackable_riders_again(tokenizer):
     """Energon restores a pack by re-encoding its records, without the marks select_packs made:
     a rider longer than seq_length must be recognised again, not packed."""
     from megavl.data.batch import Sample
-    from megavl.data.energon_stream import make_task_encoder
+    from megavl.data.task_encoder import make_task_encoder
 
     config = make_config()
     encoder = make_task_encoder(config, tokenizer, seed=3, max_pixels=None)

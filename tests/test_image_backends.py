@@ -324,3 +324,13 @@ def test_sample_jpeg_and_native_plan():
     assert peek_size(data) == (300, 500) and data == sample_jpeg(300, 500, seed=3)
     plan = native_plan(300, 500)
     assert plan.resize_to == smart_resize(300, 500) and plan.canvas == plan.resize_to
+
+
+def test_a_run_resolves_auto_once_and_a_resumed_run_keeps_its_choice():
+    from megavl.data.image_backends import resolve_image_backend
+
+    assert resolve_image_backend("pillow") == "pillow"
+    assert resolve_image_backend("dali", previous="pillow") == "dali"  # an explicit choice wins
+    assert resolve_image_backend("auto", previous="dali") == "dali"
+    assert resolve_image_backend("auto", previous="pillow") == "pillow"
+    assert resolve_image_backend("auto") in ("pillow", "dali")

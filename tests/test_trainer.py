@@ -23,8 +23,11 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def _overrides(data_dir, run_dir, steps, extra=()):
+def _overrides(data_dir, run_dir, steps, extra=(), image_backend="pillow"):
+    # Runs compared with each other pin the image back end: `auto` decides by timing,
+    # and DALI's pixels differ from Pillow's in the last bits.
     return [
+        f"data.image_backend={image_backend}",
         f"data.train_path={data_dir}/train", f"data.val_path={data_dir}/val",
         f"data.tokenizer={data_dir}/tokenizer", "data.resolution.max_pixels=12544",
         "train.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=2",
@@ -56,7 +59,7 @@ def _metrics(run_dir):
 
 def test_single_process_learns_and_writes_logs_and_checkpoints(data_dir, tmp_path):
     run = tmp_path / "run"
-    stdout = _train(1, _overrides(data_dir, run, steps=16))
+    stdout = _train(1, _overrides(data_dir, run, steps=16, image_backend="auto"))
     train, val = _metrics(run)
     assert [r["step"] for r in train] == list(range(1, 17))
     for key in ("loss", "lr", "grad_norm", "answer_tokens", "tokens_per_s", "packing_efficiency", "step_time"):
@@ -65,6 +68,7 @@ def test_single_process_learns_and_writes_logs_and_checkpoints(data_dir, tmp_pat
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert [r["step"] for r in val] == [4, 8, 12, 16]
     assert "ETA" in stdout and "checkpoint:" in stdout
+    assert "(data.image_backend = auto)" in stdout
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -20,7 +20,7 @@ that blends several, with weights and per-dataset settings::
 
 Energon does the reading, shuffling, blending, sharding over data-parallel
 ranks and worker processes, and the exact save/restore of all of it. megavl's
-task encoder (VLMTaskEncoder, running in the workers) turns each record into a
+task encoder (task_encoder.py, running in the workers) turns each record into a
 Sample (records.py: image back end, resolution policy, chat encoding), packs a
 buffer of samples under the token and vision budgets, and collates
 ``train.micro_batch_size`` packs into a microbatch.
@@ -38,7 +38,7 @@ records stops the run (check_failure_rates).
 Resume. ``state_dict`` holds energon's state for this rank and the counters.
 Restoring needs the same datasets, data-parallel rank and size and
 ``data.num_workers`` (energon splits shards over the global set of workers, so
-another worker count reads another order; energon refuses such a state).
+another worker count reads another order, and such a state is refused).
 """
 
 from __future__ import annotations
@@ -55,19 +55,14 @@ from typing import Any, Optional
 import braceexpand
 import yaml
 
-from megavl.config import Config, ConfigError, ResolutionConfig, check_resolution_override
-from megavl.data.batch import Sample, collate_rows, pack_row
-from megavl.data.conversation import pad_token_id
-from megavl.data.image_backends import select_backend
-from megavl.data.packing import GreedyPacker
-from megavl.data.records import RecordDecoder, RecordSkip
+from megavl.config import Config, ConfigError, check_resolution_override
+from megavl.data.task_encoder import energon, make_task_encoder
 
 logger = logging.getLogger(__name__)
 # Energon asks torch's DataLoader to pin memory, which warns on machines without an accelerator.
 warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
 
 _STATE_FORMAT = 2
-PACKING_REASONS = ("too_long", "too_many_images", "too_many_vision_tokens")
 
 
 class DataFailureRateError(RuntimeError):
@@ -146,12 +141,6 @@ def check_failure_rates(read: dict[str, int], failed: dict[str, dict[str, int]],
 # ---------------------------------------------------------------------------
 
 
-def resolution_for(config: Config, subflavors: dict) -> ResolutionConfig:
-    """data.resolution with the dataset's ``subflavors.resolution`` fields over it."""
-    override = subflavors.get("resolution") or {}
-    return dataclasses.replace(config.data.resolution, **override)
-
-
 def check_metadataset(path: str | os.PathLike, config: Config) -> None:
     """Checks the per-dataset settings of a metadataset YAML (and the ones it
     includes) before any worker starts, so a typo fails at once with the
@@ -224,191 +213,6 @@ def truncated_shards(dataset_dir: Path, split: str) -> list[str]:
     return problems
 
 
-def dataset_name(crude: dict) -> str:
-    """The name metrics use: ``subflavors.name``, else the dataset folder's name."""
-    name = (crude.get("__subflavors__") or {}).get("name")
-    if name:
-        return str(name)
-    sources = crude.get("__sources__") or ()
-    if sources:
-        return Path(str(sources[0].dataset_path)).name
-    return "unknown"
-
-
-# ---------------------------------------------------------------------------
-# The task encoder (runs in energon's worker processes)
-# ---------------------------------------------------------------------------
-
-
-def _energon():
-    # Imported on first use: megavl's model code and tools do not need energon.
-    import megatron.energon as energon
-
-    return energon
-
-
-def _crude_as_is(crude: dict) -> dict:
-    return crude
-
-
-def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional[int]):
-    """A megatron-energon TaskEncoder for megavl's records (class built lazily, see _energon)."""
-    energon = _energon()
-    stateless = energon.stateless
-
-    class VLMTaskEncoder(energon.DefaultTaskEncoder):
-        cookers = [energon.Cooker(stateless(energon.task_encoder.cooking.cooker(_crude_as_is)))]
-        # Members stay bytes: images are decoded by megavl's back end.
-        decoder = None
-        # Failures are reported in-band, so energon's own tolerance only
-        # catches bugs in this class.
-        __default_failure_tolerance__ = 100
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = config
-            self.seq_length = config.train.seq_length
-            self.merge = config.model.vision.spatial_merge_size
-            self.max_pixels = max_pixels
-            self.tokenizer = tokenizer
-            self.seed = seed
-            self._decoder: Optional[RecordDecoder] = None
-
-        def _record_decoder(self) -> RecordDecoder:
-            # Built in the worker process: the auto back end measures there.
-            if self._decoder is None:
-                backend = select_backend(self.config.data.image_backend)
-                self._decoder = RecordDecoder(self.tokenizer, self.config, self.seed, backend)
-            return self._decoder
-
-        @stateless
-        def encode_sample(self, crude: dict) -> dict:
-            key = str(crude.get("__key__"))
-            item = {"__restore_key__": crude["__restore_key__"], "key": key, "dataset": dataset_name(crude),
-                    "sample": None, "failure": None}
-            members = {k: v for k, v in crude.items() if not k.startswith("__")}
-            try:
-                policy = resolution_for(self.config, crude.get("__subflavors__") or {})
-                item["sample"] = self._record_decoder().decode(key, members, policy, self.max_pixels)
-            except RecordSkip as skip:
-                item["failure"] = (skip.reason, skip.detail)
-            except Exception as e:  # noqa: BLE001 - counted and logged with the key, see module doc
-                item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
-            return item
-
-        def select_samples_to_pack(self, items: list[dict]) -> list[list[dict]]:
-            return select_packs(items, self.config)
-
-        @stateless
-        def pack_selected_samples(self, items: list[dict]) -> dict:
-            # A restored pack arrives re-encoded without the marks select_packs
-            # made, so the riders that broke a budget are found again here.
-            for item in items:
-                mark_unpackable(item, self.config)
-            samples = [i["sample"] for i in items if i["failure"] is None]
-            row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
-                           pad_token_id(self.tokenizer))
-            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items],
-                    "has_samples": bool(samples)}
-
-        @stateless
-        def batch(self, packs: list[dict]) -> dict:
-            return collate_packs(packs, self.config, self.tokenizer)
-
-    return VLMTaskEncoder()
-
-
-def _item_summary(item: dict) -> dict:
-    return {"dataset": item["dataset"], "key": item["key"], "failure": item["failure"]}
-
-
-def _vision_tokens(sample: Sample, merge: int) -> int:
-    return sum(image.num_tokens(merge) for image in sample.images)
-
-
-def mark_unpackable(item: dict, config: Config) -> None:
-    """Sets the failure of a record that no pack can hold (the budget it breaks)."""
-    sample, d = item["sample"], config.data
-    if item["failure"] is not None:
-        return
-    vision = _vision_tokens(sample, config.model.vision.spatial_merge_size)
-    if len(sample) > config.train.seq_length:
-        item["failure"] = ("too_long", f"{len(sample)} tokens > train.seq_length {config.train.seq_length}")
-    elif len(sample.images) > d.max_images_per_pack:
-        item["failure"] = ("too_many_images",
-                           f"{len(sample.images)} images > data.max_images_per_pack {d.max_images_per_pack}")
-    elif d.max_vision_tokens_per_pack and vision > d.max_vision_tokens_per_pack:
-        item["failure"] = ("too_many_vision_tokens",
-                           f"{vision} vision tokens > data.max_vision_tokens_per_pack {d.max_vision_tokens_per_pack}")
-
-
-def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
-    """Groups a buffer of encoded records into packs.
-
-    First-fit decreasing over the buffer (longest first gives the tightest
-    packs); records that fit no pack are marked with the reason and, with the
-    records that failed to decode, ride along in the first pack so they are
-    counted by the training process.
-    """
-    d, merge = config.data, config.model.vision.spatial_merge_size
-    riders, good = [], []
-    for item in items:
-        mark_unpackable(item, config)
-        if item["failure"] is None:
-            good.append(item)
-        else:
-            item["sample"] = None  # no need to ship pixels that will not be used
-            riders.append(item)
-    packer = GreedyPacker(config.train.seq_length, d.max_images_per_pack, buffer_size=max(1, len(good)),
-                          max_vision_tokens_per_pack=d.max_vision_tokens_per_pack, spatial_merge_size=merge)
-    by_sample = {id(item["sample"]): item for item in good}
-    packs: list[list[dict]] = []
-    for item in sorted(good, key=lambda i: len(i["sample"]), reverse=True):
-        packs += [[by_sample[id(s)] for s in pack] for pack in packer.add(item["sample"])]
-    packs += [[by_sample[id(s)] for s in pack] for pack in packer.flush()]
-    if riders:
-        if packs:
-            packs[0] = riders + packs[0]
-        else:
-            packs.append(riders)
-    return packs
-
-
-def empty_row(config: Config, tokenizer) -> dict:
-    return pack_row([], config.train.seq_length, config.model.lm.image_token_id,
-                    config.model.vision.spatial_merge_size, pad_token_id(tokenizer))
-
-
-def collate_packs(packs: list[dict], config: Config, tokenizer) -> dict:
-    """packs -> one microbatch of train.micro_batch_size rows (all-padding rows
-    fill a short last batch of a finite stream) with its data statistics."""
-    rows = [p["row"] for p in packs]
-    rows += [empty_row(config, tokenizer) for _ in range(config.train.micro_batch_size - len(rows))]
-    batch = collate_rows(rows)
-    read: dict[str, int] = {}
-    failed: dict[str, dict[str, int]] = {}
-    failures = []
-    for pack in packs:
-        for item in pack["items"]:
-            read[item["dataset"]] = read.get(item["dataset"], 0) + 1
-            if item["failure"] is not None:
-                reason, detail = item["failure"]
-                counts = failed.setdefault(item["dataset"], {})
-                counts[reason] = counts.get(reason, 0) + 1
-                failures.append((item["dataset"], item["key"], reason, detail))
-    merge = config.model.vision.spatial_merge_size
-    grid = batch["image_grid_thw"]
-    batch["data_stats"] = {
-        "rows": len(rows),
-        "real_tokens": int((batch["document_ids"] >= 0).sum()),
-        "vision_tokens": int(grid.prod(dim=1).sum()) // (merge * merge) if grid is not None else 0,
-        "read": read,
-        "failed": failed,
-        "failures": failures,
-    }
-    return batch
-
-
 # ---------------------------------------------------------------------------
 # The stream the trainer iterates
 # ---------------------------------------------------------------------------
@@ -458,20 +262,19 @@ class EnergonDataStream:
         check_metadataset(self.path, config)
 
     def _build(self):
-        energon = _energon()
         d = self.config.data
-        worker_config = energon.WorkerConfig(rank=self.rank, world_size=self.world_size,
+        worker_config = energon().WorkerConfig(rank=self.rank, world_size=self.world_size,
                                              num_workers=d.num_workers, seed_offset=self.seed)
         encoder = make_task_encoder(self.config, self.tokenizer, self.seed, self.max_pixels)
         common = dict(worker_config=worker_config, batch_size=self.config.train.micro_batch_size,
                       packing_buffer_size=d.packing_buffer_size, task_encoder=encoder)
         if self.split == "train":
-            dataset = energon.get_train_dataset(
+            dataset = energon().get_train_dataset(
                 self.path, split_part="train", shuffle_buffer_size=d.shuffle_buffer_size,
                 max_samples_per_sequence=d.max_samples_per_sequence, **common)
         else:
-            dataset = energon.get_val_dataset(self.path, split_part=self.split, **common)
-        return energon.get_savable_loader(dataset, watchdog_timeout_seconds=None)
+            dataset = energon().get_val_dataset(self.path, split_part=self.split, **common)
+        return energon().get_savable_loader(dataset, watchdog_timeout_seconds=None)
 
     def __iter__(self) -> "EnergonDataStream":
         return self

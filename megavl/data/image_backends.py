@@ -476,6 +476,18 @@ def select_backend(
     return _SELECTED[key]
 
 
+def resolve_image_backend(name: str, previous: Optional[str] = None) -> str:
+    """The concrete back end ("pillow" or "dali") a run uses for data.image_backend = name.
+
+    previous: the concrete choice a resumed run made, kept so that it decodes as before.
+    """
+    if name != "auto":
+        return name
+    if previous in ("pillow", "dali"):
+        return previous
+    return select_backend("auto").name.split("-")[0]
+
+
 def _make_backend(name: str, on_cuda: bool, device: Optional[torch.device], max_image_pixels: int) -> ImageBackend:
     device_id = device.index if device is not None and device.type == "cuda" else None
     if name == "pillow":

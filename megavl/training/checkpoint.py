@@ -68,6 +68,14 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return path
 
 
+def stored_config(root: str) -> Optional[dict]:
+    """The config (plain data) the newest checkpoint under root was saved with, if any."""
+    folder = latest_checkpoint(root)
+    if folder is None:
+        return None
+    return dist_checkpointing.load_common_state_dict(folder).get("config")
+
+
 def _layout() -> dict:
     return {
         "tensor": ps.get_tensor_model_parallel_world_size(),

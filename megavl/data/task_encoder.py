@@ -1,0 +1,218 @@
+"""megavl's megatron-energon task encoder: records -> packed, collated microbatches.
+
+It runs in energon's dataloader workers (megavl/data/energon_stream.py builds
+the loader around it):
+
+1. encode_sample: one crude WebDataset record -> a Sample (records.py: image
+   back end, the dataset's resolution policy, chat encoding), or a failure
+   with its reason;
+2. select_samples_to_pack: a buffer of records -> packs, first-fit decreasing
+   under train.seq_length, data.max_images_per_pack and
+   data.max_vision_tokens_per_pack;
+3. pack_selected_samples: a pack -> one row of seq_length tokens;
+4. batch: train.micro_batch_size rows -> a microbatch, with the pack's
+   statistics (tokens, vision tokens, records read and failed per dataset).
+
+Failures (records that do not decode, or fit no pack) ride along in a pack
+instead of vanishing in the worker, so the training process counts and logs
+every one, and the counts are restored exactly with the loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from megavl.config import Config, ResolutionConfig
+from megavl.data.batch import Sample, collate_rows, pack_row
+from megavl.data.conversation import pad_token_id
+from megavl.data.image_backends import select_backend
+from megavl.data.packing import GreedyPacker
+from megavl.data.records import RecordDecoder, RecordSkip
+
+
+def resolution_for(config: Config, subflavors: dict) -> ResolutionConfig:
+    """data.resolution with the dataset's ``subflavors.resolution`` fields over it."""
+    override = subflavors.get("resolution") or {}
+    return dataclasses.replace(config.data.resolution, **override)
+
+
+def dataset_name(crude: dict) -> str:
+    """The name metrics use: ``subflavors.name``, else the dataset folder's name."""
+    name = (crude.get("__subflavors__") or {}).get("name")
+    if name:
+        return str(name)
+    sources = crude.get("__sources__") or ()
+    if sources:
+        return Path(str(sources[0].dataset_path)).name
+    return "unknown"
+
+
+def energon():
+    # Imported on first use: megavl's model code and tools do not need energon.
+    import megatron.energon as energon
+
+    return energon
+
+
+def _crude_as_is(crude: dict) -> dict:
+    return crude
+
+
+def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional[int]):
+    """A megatron-energon TaskEncoder for megavl's records (class built lazily, see _energon)."""
+    e = energon()
+    stateless = e.stateless
+
+    class VLMTaskEncoder(e.DefaultTaskEncoder):
+        cookers = [e.Cooker(stateless(e.task_encoder.cooking.cooker(_crude_as_is)))]
+        # Members stay bytes: images are decoded by megavl's back end.
+        decoder = None
+        # Failures are reported in-band, so energon's own tolerance only
+        # catches bugs in this class.
+        __default_failure_tolerance__ = 100
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = config
+            self.seq_length = config.train.seq_length
+            self.merge = config.model.vision.spatial_merge_size
+            self.max_pixels = max_pixels
+            self.tokenizer = tokenizer
+            self.seed = seed
+            self._decoder: Optional[RecordDecoder] = None
+
+        def _record_decoder(self) -> RecordDecoder:
+            # Built in the worker process: the auto back end measures there.
+            if self._decoder is None:
+                backend = select_backend(self.config.data.image_backend)
+                self._decoder = RecordDecoder(self.tokenizer, self.config, self.seed, backend)
+            return self._decoder
+
+        @stateless
+        def encode_sample(self, crude: dict) -> dict:
+            key = str(crude.get("__key__"))
+            item = {"__restore_key__": crude["__restore_key__"], "key": key, "dataset": dataset_name(crude),
+                    "sample": None, "failure": None}
+            members = {k: v for k, v in crude.items() if not k.startswith("__")}
+            try:
+                policy = resolution_for(self.config, crude.get("__subflavors__") or {})
+                item["sample"] = self._record_decoder().decode(key, members, policy, self.max_pixels)
+            except RecordSkip as skip:
+                item["failure"] = (skip.reason, skip.detail)
+            except Exception as e:  # noqa: BLE001 - counted and logged with the key, see module doc
+                item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
+            return item
+
+        def select_samples_to_pack(self, items: list[dict]) -> list[list[dict]]:
+            return select_packs(items, self.config)
+
+        @stateless
+        def pack_selected_samples(self, items: list[dict]) -> dict:
+            # A restored pack arrives re-encoded without the marks select_packs
+            # made, so the riders that broke a budget are found again here.
+            for item in items:
+                mark_unpackable(item, self.config)
+            samples = [i["sample"] for i in items if i["failure"] is None]
+            row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
+                           pad_token_id(self.tokenizer))
+            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items],
+                    "has_samples": bool(samples)}
+
+        @stateless
+        def batch(self, packs: list[dict]) -> dict:
+            return collate_packs(packs, self.config, self.tokenizer)
+
+    return VLMTaskEncoder()
+
+
+def _item_summary(item: dict) -> dict:
+    return {"dataset": item["dataset"], "key": item["key"], "failure": item["failure"]}
+
+
+def _vision_tokens(sample: Sample, merge: int) -> int:
+    return sum(image.num_tokens(merge) for image in sample.images)
+
+
+def mark_unpackable(item: dict, config: Config) -> None:
+    """Sets the failure of a record that no pack can hold (the budget it breaks)."""
+    sample, d = item["sample"], config.data
+    if item["failure"] is not None:
+        return
+    vision = _vision_tokens(sample, config.model.vision.spatial_merge_size)
+    if len(sample) > config.train.seq_length:
+        item["failure"] = ("too_long", f"{len(sample)} tokens > train.seq_length {config.train.seq_length}")
+    elif len(sample.images) > d.max_images_per_pack:
+        item["failure"] = ("too_many_images",
+                           f"{len(sample.images)} images > data.max_images_per_pack {d.max_images_per_pack}")
+    elif d.max_vision_tokens_per_pack and vision > d.max_vision_tokens_per_pack:
+        item["failure"] = ("too_many_vision_tokens",
+                           f"{vision} vision tokens > data.max_vision_tokens_per_pack {d.max_vision_tokens_per_pack}")
+
+
+def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
+    """Groups a buffer of encoded records into packs.
+
+    First-fit decreasing over the buffer (longest first gives the tightest
+    packs); records that fit no pack are marked with the reason and, with the
+    records that failed to decode, ride along in the first pack so they are
+    counted by the training process.
+    """
+    d, merge = config.data, config.model.vision.spatial_merge_size
+    riders, good = [], []
+    for item in items:
+        mark_unpackable(item, config)
+        if item["failure"] is None:
+            good.append(item)
+        else:
+            item["sample"] = None  # no need to ship pixels that will not be used
+            riders.append(item)
+    packer = GreedyPacker(config.train.seq_length, d.max_images_per_pack, buffer_size=max(1, len(good)),
+                          max_vision_tokens_per_pack=d.max_vision_tokens_per_pack, spatial_merge_size=merge)
+    by_sample = {id(item["sample"]): item for item in good}
+    packs: list[list[dict]] = []
+    for item in sorted(good, key=lambda i: len(i["sample"]), reverse=True):
+        packs += [[by_sample[id(s)] for s in pack] for pack in packer.add(item["sample"])]
+    packs += [[by_sample[id(s)] for s in pack] for pack in packer.flush()]
+    if riders:
+        if packs:
+            packs[0] = riders + packs[0]
+        else:
+            packs.append(riders)
+    return packs
+
+
+def empty_row(config: Config, tokenizer) -> dict:
+    return pack_row([], config.train.seq_length, config.model.lm.image_token_id,
+                    config.model.vision.spatial_merge_size, pad_token_id(tokenizer))
+
+
+def collate_packs(packs: list[dict], config: Config, tokenizer) -> dict:
+    """packs -> one microbatch of train.micro_batch_size rows (all-padding rows
+    fill a short last batch of a finite stream) with its data statistics."""
+    rows = [p["row"] for p in packs]
+    rows += [empty_row(config, tokenizer) for _ in range(config.train.micro_batch_size - len(rows))]
+    batch = collate_rows(rows)
+    read: dict[str, int] = {}
+    failed: dict[str, dict[str, int]] = {}
+    failures = []
+    for pack in packs:
+        for item in pack["items"]:
+            read[item["dataset"]] = read.get(item["dataset"], 0) + 1
+            if item["failure"] is not None:
+                reason, detail = item["failure"]
+                counts = failed.setdefault(item["dataset"], {})
+                counts[reason] = counts.get(reason, 0) + 1
+                failures.append((item["dataset"], item["key"], reason, detail))
+    merge = config.model.vision.spatial_merge_size
+    grid = batch["image_grid_thw"]
+    batch["data_stats"] = {
+        "rows": len(rows),
+        "real_tokens": int((batch["document_ids"] >= 0).sum()),
+        "vision_tokens": int(grid.prod(dim=1).sum()) // (merge * merge) if grid is not None else 0,
+        "read": read,
+        "failed": failed,
+        "failures": failures,
+    }
+    return batch
