@@ -324,3 +324,18 @@ def test_a_restored_pack_finds_its_unpackable_riders_again(tokenizer):
     pack = encoder.pack_selected_samples([item("long", 300), item("short", 40)])
     assert [(i["key"], i["failure"] and i["failure"][0]) for i in pack["items"]] == [("long", "too_long"), ("short", None)]
     assert int((pack["row"]["document_ids"] >= 0).sum()) == 40
+
+
+def test_object_storage_urls_read_like_local_paths(datasets, tokenizer, tmp_path, monkeypatch):
+    """Energon's storage layer (multi-storage-client): an msc:// URL, here backed by a POSIX
+    profile, gives exactly the batches of the local path."""
+    import yaml
+
+    profile = {"profiles": {"shards": {"storage_provider": {"type": "file",
+                                                             "options": {"base_path": str(datasets["val"].parent)}}}}}
+    (tmp_path / "msc.yaml").write_text(yaml.safe_dump(profile))
+    monkeypatch.setenv("MSC_CONFIG", str(tmp_path / "msc.yaml"))
+    remote = stream("msc://shards/val", tokenizer, split="val")
+    local = stream(datasets["val"], tokenizer, split="val")
+    assert_same_batches(list(local), list(remote))
+    assert remote.stats.read == local.stats.read

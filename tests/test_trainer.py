@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,8 +60,13 @@ def _metrics(run_dir):
 
 def test_single_process_learns_and_writes_logs_and_checkpoints(data_dir, tmp_path):
     run = tmp_path / "run"
-    stdout = _train(1, _overrides(data_dir, run, steps=16, image_backend="auto"))
+    schedule = ["data.max_pixels_schedule.start_max_pixels=6272", "data.max_pixels_schedule.fraction=0.5",
+                "data.max_pixels_schedule.stages=2"]
+    stdout = _train(1, _overrides(data_dir, run, steps=16, extra=schedule, image_backend="auto"))
     train, val = _metrics(run)
+    # Two stages over the first 8 steps (the loader is rebuilt at each change), then the full cap.
+    caps = [r["max_pixels"] for r in train]
+    assert caps[:4] == [6272] * 4 and len(set(caps[4:8])) == 1 and 6272 < caps[4] < 12544 and caps[8:] == [12544] * 8
     assert [r["step"] for r in train] == list(range(1, 17))
     for key in ("loss", "lr", "grad_norm", "answer_tokens", "tokens_per_s", "packing_efficiency", "step_time"):
         assert key in train[0]
@@ -108,6 +114,20 @@ def test_resume_continues_exactly(data_dir, tmp_path, reference_losses):
     assert [r["step"] for r in train] == [4, 5, 6]
     assert [r["answer_tokens"] for r in train] == tokens[3:]
     assert [r["loss"] for r in train] == losses[3:]
+
+
+def test_a_dataset_failing_too_often_stops_the_run_with_its_name(data_dir, tmp_path):
+    # One image per pack: every two-image sample fails (about one in six).
+    overrides = _overrides(data_dir, tmp_path / "run", steps=30, extra=[
+        "data.max_images_per_pack=1", "data.failure_check_min_samples=20", "data.max_failure_rate=0.05"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "--master-port", str(_free_port()), str(ROOT / "pretrain_vlm.py"),
+               "--config", str(TINY_CONFIG), "--set", *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    assert re.search(r"DataFailureRateError: dataset 'train': \d+ of \d+ records failed .*too_many_images", result.stderr)
+    assert "skipped sample" in result.stderr and "too_many_images" in result.stderr
 
 
 def test_dry_run_prints_layout_and_parameter_counts():
