@@ -7,8 +7,11 @@ Efficiency = real tokens / token slots the LM computes on (rows *
 seq_length when packing; rows * the longest row of a micro-batch when
 padding). Compared on the same samples:
 
-* GreedyPacker (megavl.data.packing), first fit under the token budget, the
-  image budget and optionally a vision-token budget; several settings.
+* The training loader's packing (megavl.data.task_encoder.select_packs):
+  first-fit decreasing over each buffer of data.packing_buffer_size samples
+  that energon hands the task encoder, packs closed at the buffer's end.
+* GreedyPacker (megavl.data.packing) streaming, first fit under the token
+  budget, the image budget and optionally a vision-token budget.
 * Padding every sample to the longest sample of its micro-batch (B samples
   per micro-batch, in arrival order): what a loader without packing does.
 * Padding every sample to seq_length: one sample per row.
@@ -109,6 +112,29 @@ def greedy(samples: list[Sample], seq_length: int, **packer_args) -> dict:
             "vision_per_row": stats.vision_tokens_per_pack, "dropped": dropped}
 
 
+def loader_buffers(samples: list[Sample], seq_length: int, buffer: int, max_images: int,
+                   max_vision_tokens: int = 0) -> dict:
+    """What the training loader does: select_packs over consecutive buffers."""
+    from megavl.config import Config
+    from megavl.data.task_encoder import select_packs
+
+    config = Config()
+    config.train.seq_length = seq_length
+    config.model.vision.spatial_merge_size = MERGE
+    config.data.max_images_per_pack = max_images
+    config.data.max_vision_tokens_per_pack = max_vision_tokens
+    rows = real = vision = 0
+    for start in range(0, len(samples), buffer):
+        items = [{"sample": s, "failure": None, "key": s.key, "dataset": "mix"} for s in samples[start:start + buffer]]
+        for pack in select_packs(items, config):
+            packed = [item["sample"] for item in pack if item["failure"] is None]
+            rows += 1
+            real += sum(len(s) for s in packed)
+            vision += sum(image.num_tokens(MERGE) for s in packed for image in s.images)
+    return {"rows": rows, "slots": rows * seq_length, "real": real, "vision_per_row": vision // max(rows, 1),
+            "dropped": 0}
+
+
 def pad_to_longest(samples: list[Sample], micro_batch: int) -> dict:
     real = slots = 0
     for start in range(0, len(samples), micro_batch):
@@ -138,6 +164,8 @@ def report(samples: list[Sample], seq_length: int, micro_batches: list[int]) -> 
     fitting = [s for s in samples if len(s) <= seq_length]
     print(f"\nseq_length {seq_length}: {len(samples) - len(fitting)} samples longer than seq_length left out")
     rows = [
+        *[(f"loader: FFD per {b}-sample buffer, <=64 images", loader_buffers(fitting, seq_length, b, 64))
+          for b in (64, 512, 2048)],
         ("greedy, 64 open packs, <=64 images", greedy(fitting, seq_length, max_images_per_pack=64)),
         ("greedy, 64 open packs, <=8 images", greedy(fitting, seq_length, max_images_per_pack=8)),
         ("greedy, 8 open packs, <=64 images", greedy(fitting, seq_length, max_images_per_pack=64, buffer_size=8)),

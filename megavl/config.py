@@ -205,7 +205,9 @@ class DataConfig:
     max_images_per_pack: int = 8
     # Vision-token budget per pack; 0: only the token budget (train.seq_length) applies.
     max_vision_tokens_per_pack: int = 0
-    packing_buffer_size: int = 64
+    # Records the packer chooses from at a time (first-fit decreasing). They hold
+    # only encoded bytes until packed: a larger buffer packs tighter for little memory.
+    packing_buffer_size: int = 512
     shuffle_buffer_size: int = 100
     # Energon reads shards in random slices of at most this many samples.
     max_samples_per_sequence: int = 100

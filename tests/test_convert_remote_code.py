@@ -87,19 +87,27 @@ def test_export_loads_with_remote_code_and_matches_megavl(imported, tmp_path, im
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
 
 
-def test_the_features_change_the_logits(imported, tmp_path):
-    """A remote-code export that ignored the mask or the adapters could not pass verification."""
+def exported_model(imported, tmp_path):
+    """(config, verification batch, the remote-code model) of an export with both features."""
     from transformers import AutoModelForImageTextToText
 
     from megavl.convert import export_to_hf
-    from megavl.convert.verify import hf_logits_and_positions, reserved_token_ids, verification_batch
+    from megavl.convert.verify import reserved_token_ids, verification_batch
 
-    ckpt = tmp_path / "features"
-    config = with_megavl_features(imported / "ckpt", ckpt)
-    export_to_hf(str(ckpt), str(tmp_path / "hf_out"), verify=False, log=quiet)
-    batch = verification_batch(config, reserved_token_ids(json.loads((tmp_path / "hf_out" / "config.json").read_text())))
+    config = with_megavl_features(imported / "ckpt", tmp_path / "features")
+    export_to_hf(str(tmp_path / "features"), str(tmp_path / "hf_out"), verify=False, log=quiet)
+    hf_config = json.loads((tmp_path / "hf_out" / "config.json").read_text())
+    batch = verification_batch(config, reserved_token_ids(hf_config))
     model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf_out"), trust_remote_code=True,
                                                         dtype=torch.float32)
+    return config, batch, model
+
+
+def test_the_features_change_the_logits(imported, tmp_path):
+    """A remote-code export that ignored the mask or the adapters could not pass verification."""
+    from megavl.convert.verify import hf_logits_and_positions
+
+    config, batch, model = exported_model(imported, tmp_path)
     full, _ = hf_logits_and_positions(model, batch, config.model.lm.image_token_id)
     model.config.image_attention = "causal"
     causal, _ = hf_logits_and_positions(model, batch, config.model.lm.image_token_id)
@@ -114,17 +122,7 @@ def test_the_features_change_the_logits(imported, tmp_path):
 
 
 def test_generate_runs_after_a_bidirectional_prompt(imported, tmp_path):
-    from transformers import AutoModelForImageTextToText
-
-    from megavl.convert import export_to_hf
-    from megavl.convert.verify import reserved_token_ids, verification_batch
-
-    ckpt = tmp_path / "features"
-    config = with_megavl_features(imported / "ckpt", ckpt)
-    export_to_hf(str(ckpt), str(tmp_path / "hf_out"), verify=False, log=quiet)
-    batch = verification_batch(config, reserved_token_ids(json.loads((tmp_path / "hf_out" / "config.json").read_text())))
-    model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf_out"), trust_remote_code=True,
-                                                        dtype=torch.float32)
+    config, batch, model = exported_model(imported, tmp_path)
     input_ids = batch["tokens"]
     output = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=batch["pixel_values"],

@@ -3,13 +3,15 @@
 It runs in energon's dataloader workers (megavl/data/energon_stream.py builds
 the loader around it):
 
-1. encode_sample: one crude WebDataset record -> a Sample (records.py: image
-   back end, the dataset's resolution policy, chat encoding), or a failure
-   with its reason;
+1. preencode_sample: one crude WebDataset record -> its tokens and image plans
+   (records.py: the dataset's resolution policy from the image headers, chat
+   encoding), or a failure with its reason. No pixels are decoded yet, so a
+   large packing buffer costs only the records' encoded bytes;
 2. select_samples_to_pack: a buffer of records -> packs, first-fit decreasing
    under train.seq_length, data.max_images_per_pack and
    data.max_vision_tokens_per_pack;
-3. pack_selected_samples: a pack -> one row of seq_length tokens;
+3. postencode_sample, then pack_selected_samples: the image back end decodes
+   the pack's images, and the pack becomes one row of seq_length tokens;
 4. batch: train.micro_batch_size rows -> a microbatch, with the pack's
    statistics (tokens, vision tokens, records read and failed per dataset).
 
@@ -20,6 +22,7 @@ every one, and the counts are restored exactly with the loader.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Optional
@@ -29,7 +32,7 @@ from megavl.data.batch import Sample, collate_rows, pack_row
 from megavl.data.conversation import pad_token_id
 from megavl.data.image_backends import select_backend
 from megavl.data.packing import GreedyPacker
-from megavl.data.records import RecordDecoder, RecordSkip
+from megavl.data.records import PlannedRecord, RecordDecoder, RecordSkip
 
 
 def resolution_for(config: Config, subflavors: dict) -> ResolutionConfig:
@@ -91,18 +94,26 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             return self._decoder
 
         @stateless
-        def encode_sample(self, crude: dict) -> dict:
+        def preencode_sample(self, crude: dict) -> dict:
+            """Tokens and image plans from the JSON and the image headers; no pixels yet,
+            so energon's packing buffer holds only encoded bytes."""
             key = str(crude.get("__key__"))
             item = {"__restore_key__": crude["__restore_key__"], "key": key, "dataset": dataset_name(crude),
-                    "sample": None, "failure": None}
+                    "sample": None, "images": None, "failure": None}
             members = {k: v for k, v in crude.items() if not k.startswith("__")}
-            try:
+            with _failures_recorded(item):
                 policy = resolution_for(self.config, crude.get("__subflavors__") or {})
-                item["sample"] = self._record_decoder().decode(key, members, policy, self.max_pixels)
-            except RecordSkip as skip:
-                item["failure"] = (skip.reason, skip.detail)
-            except Exception as e:  # noqa: BLE001 - counted and logged with the key, see module doc
-                item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
+                planned = self._record_decoder().plan(key, members, policy, self.max_pixels)
+                item["sample"], item["images"] = planned.sample, planned.images
+            return item
+
+        @stateless
+        def postencode_sample(self, item: dict) -> dict:
+            """Decodes the pixels of a record chosen for a pack."""
+            if item["failure"] is None:
+                with _failures_recorded(item):
+                    item["sample"] = self._record_decoder().render(PlannedRecord(item["sample"], item["images"]))
+            item["images"] = None
             return item
 
         def select_samples_to_pack(self, items: list[dict]) -> list[list[dict]]:
@@ -125,6 +136,17 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             return collate_packs(packs, self.config, self.tokenizer)
 
     return VLMTaskEncoder()
+
+
+@contextlib.contextmanager
+def _failures_recorded(item: dict):
+    """Turns an exception while encoding a record into the record's failure."""
+    try:
+        yield
+    except RecordSkip as skip:
+        item["failure"] = (skip.reason, skip.detail)
+    except Exception as e:  # noqa: BLE001 - counted and logged with the key, see the module doc
+        item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
 
 
 def _item_summary(item: dict) -> dict:
@@ -166,7 +188,7 @@ def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
         if item["failure"] is None:
             good.append(item)
         else:
-            item["sample"] = None  # no need to ship pixels that will not be used
+            item["sample"] = item["images"] = None  # a rider needs neither tokens nor image bytes
             riders.append(item)
     packer = GreedyPacker(config.train.seq_length, d.max_images_per_pack, buffer_size=max(1, len(good)),
                           max_vision_tokens_per_pack=d.max_vision_tokens_per_pack, spatial_merge_size=merge)
