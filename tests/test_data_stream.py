@@ -205,12 +205,27 @@ def test_a_lower_max_pixel_cap_continues_from_the_same_position(datasets, tokeni
             assert int(pixels.max()) <= cap
 
 
-def test_truncated_shard_is_reported_before_any_batch(tmp_path, tokenizer):
+def test_a_truncated_shard_is_left_out_and_counted(tmp_path, tokenizer, caplog):
     root = write_dataset(tmp_path / "cut", _samples_with_faults(), "val")
+    split_yaml = (root / ".nv-meta" / "split.yaml").read_text()
     shard = root / "shard-002.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
-    with pytest.raises(ValueError, match=r"shard-002.tar: 5000 bytes .* samples cut off"):
-        stream(root, tokenizer, split="val")
+    with caplog.at_level(logging.WARNING, logger="megavl.data.energon_stream"):
+        data = stream(root, tokenizer, split="val")
+        batches = list(data)
+    seen = {key for batch in batches for key in keys_in(batch, tokenizer)}
+    assert seen == {f"k{i:03d}" for i in range(12)}  # the good samples of the two whole shards
+    assert data.stats.skipped == {"bad_image": 1, "missing_image": 1, "bad_json": 1, "truncated_shard": 10}
+    assert data.stats.read == {"cut": 25}
+    assert any("shard-002.tar: 5000 bytes" in r.getMessage() and "samples cut off" in r.getMessage()
+               for r in caplog.records)
+    assert (root / ".nv-meta" / "split.yaml").read_text() == split_yaml  # the dataset's own split is untouched
+
+    _metadataset(tmp_path / "meta.yaml", [{"weight": 1, "path": "cut"}])
+    meta = (tmp_path / "meta.yaml").read_text().replace("  train:", "  val:")
+    (tmp_path / "meta.yaml").write_text(meta)
+    with pytest.raises(ValueError, match=r"(?s)truncated shards .*shard-002.tar: 5000 bytes .* samples cut off"):
+        stream(tmp_path / "meta.yaml", tokenizer, split="val")
 
 
 def test_missing_split_part_names_the_parts(datasets, tokenizer):

@@ -30,8 +30,12 @@ as a failure inside the next microbatch instead of being dropped in the
 worker, so the training process counts every failure per dataset and reason,
 logs it with its key, and the counts are restored exactly with the loader.
 Reasons: records.RECORD_SKIP_REASONS plus ``too_long``, ``too_many_images``,
-``too_many_vision_tokens`` and ``decode_error`` (anything else raised while
-encoding a record). A dataset whose failure rate exceeds
+``too_many_vision_tokens``, ``decode_error`` (anything else raised while
+encoding a record) and ``truncated_shard``: energon's reader would stop the
+loader at a tar cut off after preparation, so such shards of a dataset folder
+are found at start-up and left out whole (through an extra split config next
+to split.yaml), their samples counted; in a metadataset they are refused with
+the list. A dataset whose failure rate exceeds
 ``data.max_failure_rate`` after ``data.failure_check_min_samples`` of its
 records stops the run (check_failure_rates).
 
@@ -109,9 +113,17 @@ class DataStats:
         for name, n in batch_stats["read"].items():
             self.read[name] = self.read.get(name, 0) + n
         for name, reasons in batch_stats["failed"].items():
-            mine = self.failed.setdefault(name, {})
             for reason, n in reasons.items():
-                mine[reason] = mine.get(reason, 0) + n
+                self._count_failed(name, reason, n)
+
+    def count_skipped(self, dataset: str, reason: str, n: int) -> None:
+        """n records of dataset that were never read into a microbatch."""
+        self.read[dataset] = self.read.get(dataset, 0) + n
+        self._count_failed(dataset, reason, n)
+
+    def _count_failed(self, dataset: str, reason: str, n: int) -> None:
+        reasons = self.failed.setdefault(dataset, {})
+        reasons[reason] = reasons.get(reason, 0) + n
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -189,28 +201,84 @@ def check_split_part(path: Path, split: str) -> None:
         )
 
 
-def truncated_shards(dataset_dir: Path, split: str) -> list[str]:
-    """Shards of a prepared folder that are shorter than energon's index says
-    (copied or synced partially after preparation), with the samples lost."""
-    split_file = dataset_dir / ".nv-meta" / "split.yaml"
-    with open(split_file, encoding="utf-8") as f:
-        patterns = ((yaml.safe_load(f) or {}).get("split_parts") or {}).get(split) or []
-    shards = [name for pattern in patterns for name in braceexpand.braceexpand(pattern)]
-    problems = []
-    for shard in shards:
+@dataclass
+class TruncatedShard:
+    name: str
+    samples: int  # in the index
+    cut_off: int  # samples (partly) beyond the end of the file
+    size: int
+    expected: int
+
+    def describe(self, folder: Path) -> str:
+        return (f"{folder / self.name}: {self.size} bytes but the index expects {self.expected}; "
+                f"{self.cut_off} of {self.samples} samples cut off")
+
+
+def _split_parts(dataset_dir: Path, split_config: str = "split.yaml") -> dict:
+    with open(dataset_dir / ".nv-meta" / split_config, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def truncated_shards(dataset_dir: Path, split: str) -> list[TruncatedShard]:
+    """Shards of a prepared folder shorter than energon's index says (copied or
+    synced partially after preparation)."""
+    patterns = (_split_parts(dataset_dir).get("split_parts") or {}).get(split) or []
+    found = []
+    for shard in (name for pattern in patterns for name in braceexpand.braceexpand(pattern)):
         tar, index = dataset_dir / shard, dataset_dir / (shard + ".idx")
         if not tar.is_file() or not index.is_file():
-            problems.append(f"{tar}: missing (or its .idx index is)")
-            continue
+            raise ValueError(f"{tar}: listed in .nv-meta/split.yaml but missing (or its .idx index is); "
+                             f"restore it or re-run tools/prepare_data.py")
         data = index.read_bytes()
         # The index holds every sample's start offset and then the end of the last one.
         offsets = struct.unpack(f"<{len(data) // 8}Q", data)
         size = tar.stat().st_size
         if offsets and size < offsets[-1]:
-            lost = sum(1 for end in offsets[1:] if end > size)
-            problems.append(f"{tar}: {size} bytes but the index expects {offsets[-1]}; {lost} of "
-                            f"{len(offsets) - 1} samples cut off")
-    return problems
+            cut_off = sum(1 for end in offsets[1:] if end > size)
+            found.append(TruncatedShard(shard, len(offsets) - 1, cut_off, size, offsets[-1]))
+    return found
+
+
+# Written next to split.yaml when shards must be left out; split.yaml itself is never changed.
+EXCLUDING_SPLIT_CONFIG = "split.megavl-excluding-truncated.yaml"
+
+
+def exclude_shards(dataset_dir: Path, shards: list[TruncatedShard]) -> str:
+    """A split config that leaves the shards out (energon's `exclude`); returns its file name."""
+    parts = _split_parts(dataset_dir)
+    parts["exclude"] = sorted(set(parts.get("exclude") or []) | {s.name for s in shards})
+    target = dataset_dir / ".nv-meta" / EXCLUDING_SPLIT_CONFIG
+    temporary = target.with_name(target.name + f".{os.getpid()}.tmp")
+    temporary.write_text(yaml.safe_dump(parts, sort_keys=False), encoding="utf-8")
+    os.replace(temporary, target)
+    return EXCLUDING_SPLIT_CONFIG
+
+
+def check_metadataset_shards(path: Path, split: str) -> None:
+    """A metadataset's local datasets must have whole shards: energon's reader would stop
+    the run at a cut-off one, and a metadataset's datasets cannot be re-split from here."""
+    problems = []
+    for folder in _metadataset_folders(path, split):
+        problems += [shard.describe(folder) for shard in truncated_shards(folder, split)]
+    if problems:
+        raise ValueError(
+            "truncated shards (restore the files or re-run tools/prepare_data.py; to train without them, "
+            "list them under `exclude:` in the dataset's .nv-meta/split.yaml):\n  " + "\n  ".join(problems)
+        )
+
+
+def _metadataset_folders(path: Path, split: str) -> list[Path]:
+    with open(path, encoding="utf-8") as f:
+        spec = ((yaml.safe_load(f) or {}).get("splits") or {}).get(split) or {}
+    entries = spec.get("blend") or spec.get("blend_epochized") or ([spec] if "path" in spec else [])
+    folders = []
+    for entry in entries:
+        inner = path.parent / str(entry.get("path", ""))
+        if inner.suffix in (".yaml", ".yml") and inner.is_file():
+            folders += _metadataset_folders(inner, split)
+        elif (inner / ".nv-meta" / "split.yaml").is_file():
+            folders.append(inner)
+    return folders
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +302,8 @@ class EnergonDataStream:
         # Object storage (energon's multi-storage-client URLs, e.g. msc://profile/bucket/data)
         # is handed to energon as it is; the local checks below need a file system.
         self.path = str(path) if "://" in str(path) else Path(path)
+        self.split_config: Optional[str] = None
+        self.skipped_shards: list[TruncatedShard] = []
         if isinstance(self.path, Path):
             self._check_local(split, config)
         self.tokenizer = tokenizer
@@ -242,6 +312,7 @@ class EnergonDataStream:
         self.split = split
         self.max_pixels = max_pixels
         self.stats = DataStats(seq_length=config.train.seq_length)
+        self._count_skipped_shards()
         self._loader = self._build()
         self._iterator = None
         # The energon state last restored, for a rebuild before the first batch.
@@ -251,15 +322,30 @@ class EnergonDataStream:
         if not self.path.exists():
             raise FileNotFoundError(f"data path {str(self.path)!r} does not exist")
         check_split_part(self.path, split)
-        if self.path.is_dir():
-            # Energon's reader stops the whole loader at a cut-off tar, so it is caught here, up front.
-            problems = truncated_shards(self.path, split)
-            if problems:
-                raise ValueError(
-                    "truncated shards (restore the files, or re-run tools/prepare_data.py; to train "
-                    "without them list them under `exclude:` in .nv-meta/split.yaml):\n  " + "\n  ".join(problems)
-                )
         check_metadataset(self.path, config)
+        if not self.path.is_dir():
+            check_metadataset_shards(self.path, split)
+            return
+        # Energon's reader stops the whole loader at a cut-off tar, so such shards are
+        # found up front, left out, and their samples counted as skipped.
+        truncated = truncated_shards(self.path, split)
+        if truncated:
+            try:
+                self.split_config = exclude_shards(self.path, truncated)
+            except OSError as e:
+                raise ValueError(
+                    f"truncated shards, which cannot be left out because .nv-meta is not writable ({e}); restore "
+                    "them or list them under `exclude:` in .nv-meta/split.yaml:\n  "
+                    + "\n  ".join(shard.describe(self.path) for shard in truncated)
+                ) from None
+            for shard in truncated:
+                logger.warning("skipping truncated shard %s (all %d samples)", shard.describe(self.path),
+                               shard.samples)
+            self.skipped_shards = truncated
+
+    def _count_skipped_shards(self) -> None:
+        for shard in self.skipped_shards:
+            self.stats.count_skipped(self.path.name, "truncated_shard", shard.samples)
 
     def _build(self):
         d = self.config.data
@@ -268,6 +354,8 @@ class EnergonDataStream:
         encoder = make_task_encoder(self.config, self.tokenizer, self.seed, self.max_pixels)
         common = dict(worker_config=worker_config, batch_size=self.config.train.micro_batch_size,
                       packing_buffer_size=d.packing_buffer_size, task_encoder=encoder)
+        if self.split_config:
+            common["split_config"] = self.split_config
         if self.split == "train":
             dataset = energon().get_train_dataset(
                 self.path, split_part="train", shuffle_buffer_size=d.shuffle_buffer_size,
