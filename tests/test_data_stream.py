@@ -334,7 +334,7 @@ def test_a_restored_pack_finds_its_unpackable_riders_again(tokenizer):
     def item(key, length):
         sample = Sample(tokens=[20] * length, labels=[-100] * (length - 1) + [20], turn_ids=[0] * length,
                         images=[], key=key)
-        return {"__restore_key__": (), "key": key, "dataset": "d", "sample": sample, "failure": None}
+        return {"__restore_key__": (), "key": key, "dataset": "d", "sample": sample, "images": [], "failure": None}
 
     pack = encoder.pack_selected_samples([item("long", 300), item("short", 40)])
     assert [(i["key"], i["failure"] and i["failure"][0]) for i in pack["items"]] == [("long", "too_long"), ("short", None)]

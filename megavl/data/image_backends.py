@@ -470,6 +470,9 @@ def select_backend(
     if name not in IMAGE_BACKENDS:
         raise ValueError(f"data.image_backend = {name!r}: expected one of {', '.join(IMAGE_BACKENDS)}")
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    # Dataloader workers are forked, and a forked process cannot use CUDA: there DALI
+    # decodes on the CPU (data.num_workers = 0 keeps decoding on the GPU).
+    on_cuda = on_cuda and torch.utils.data.get_worker_info() is None
     key = (os.getpid(), name, on_cuda, max_image_pixels)
     if key not in _SELECTED:
         _SELECTED[key] = _make_backend(name, on_cuda, device, max_image_pixels)

@@ -5,8 +5,9 @@ for the format) plus one image member per ``<image>`` placeholder,
 ``<key>.img0.png``, ``<key>.img1.jpg``, ... It is decoded in two phases: plan
 reads the JSON and only the image headers, sizes every image with the
 dataset's resolution policy (megavl/data/resolution.py) and encodes the
-conversation, so the record's length is known; render decodes the pixels with
-an image back end (megavl/data/image_backends.py) once the record is packed.
+conversation, so the record's length is known; render decodes the pixels of
+a whole pack's records in one batch of an image back end
+(megavl/data/image_backends.py) once they are packed.
 
 A record that cannot be used raises RecordSkip with one of these reasons,
 which the loaders count and log with the key:
@@ -25,14 +26,14 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import torch
 
 from megavl.config import Config, ResolutionConfig
 from megavl.data.batch import ImagePatches, Sample
 from megavl.data.conversation import SampleEncoder, count_image_placeholders
-from megavl.data.image_backends import ImageBackend, peek_size, to_patches
+from megavl.data.image_backends import ImageBackend, ImageBatchError, peek_size, to_patches
 from megavl.data.resolution import ImagePart, ImagePlan, plan_image
 
 RECORD_SKIP_REASONS = ("missing_json", "bad_json", "invalid_record", "missing_image", "bad_image")
@@ -116,17 +117,33 @@ class RecordDecoder:
             raise RecordSkip("invalid_record", str(e)) from None
         return PlannedRecord(sample, plans)
 
-    def render(self, planned: PlannedRecord) -> Sample:
-        """The planned record with its images decoded; raises RecordSkip("bad_image")
-        for bytes that only fail when decoded (truncated or corrupt data)."""
-        vision = self.config.model.vision
-        patches = []
-        for index, (data, plan) in enumerate(planned.images):
+    def render(self, planned: list[PlannedRecord]) -> list[Union[Sample, RecordSkip]]:
+        """The records with their images decoded, all images in one back-end batch (DALI
+        decodes a batch in one pipeline run). A record whose bytes only fail when decoded
+        (truncated or corrupt data) comes back as RecordSkip("bad_image") and the rest are
+        rendered again without it."""
+        results: list[Union[Sample, RecordSkip, None]] = [None] * len(planned)
+        pending = list(range(len(planned)))
+        while pending:
+            owners = [r for r in pending for _ in planned[r].images]
+            items = [image for r in pending for image in planned[r].images]
             try:
-                parts = self.backend.render(data, plan)
-            except ValueError as e:  # ImageDecodeError included
-                raise RecordSkip("bad_image", f"img{index}: {e}") from None
-            patches += [to_patches(pixels, vision) for _, pixels in parts]
+                rendered = self.backend.render_batch(items) if items else []
+            except ImageBatchError as e:
+                record = owners[e.index]
+                first = owners.index(record)
+                results[record] = RecordSkip("bad_image", f"img{e.index - first}: {e.reason}")
+                pending.remove(record)
+                continue
+            for r in pending:
+                parts = [rendered.pop(0) for _ in planned[r].images]
+                results[r] = self._with_pixels(planned[r], parts)
+            pending = []
+        return results
+
+    def _with_pixels(self, planned: PlannedRecord, parts: list) -> Sample:
+        vision = self.config.model.vision
+        patches = [to_patches(pixels, vision) for image_parts in parts for _, pixels in image_parts]
         planned_grids = [image.grid_thw for image in planned.sample.images]
         if [p.grid_thw for p in patches] != planned_grids:
             raise RuntimeError(f"record {planned.sample.key!r}: rendered image grids "

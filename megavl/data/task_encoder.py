@@ -10,8 +10,8 @@ the loader around it):
 2. select_samples_to_pack: a buffer of records -> packs, first-fit decreasing
    under train.seq_length, data.max_images_per_pack and
    data.max_vision_tokens_per_pack;
-3. postencode_sample, then pack_selected_samples: the image back end decodes
-   the pack's images, and the pack becomes one row of seq_length tokens;
+3. pack_selected_samples: the image back end decodes all of the pack's images
+   in one batch, and the pack becomes one row of seq_length tokens;
 4. batch: train.micro_batch_size rows -> a microbatch, with the pack's
    statistics (tokens, vision tokens, records read and failed per dataset).
 
@@ -107,14 +107,17 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
                 item["sample"], item["images"] = planned.sample, planned.images
             return item
 
-        @stateless
-        def postencode_sample(self, item: dict) -> dict:
-            """Decodes the pixels of a record chosen for a pack."""
-            if item["failure"] is None:
-                with _failures_recorded(item):
-                    item["sample"] = self._record_decoder().render(PlannedRecord(item["sample"], item["images"]))
-            item["images"] = None
-            return item
+        def _render(self, items: list[dict]) -> None:
+            """Decodes the pack's images, all in one back-end batch."""
+            with _failures_recorded_for(items):
+                rendered = self._record_decoder().render([PlannedRecord(i["sample"], i["images"]) for i in items])
+                for item, result in zip(items, rendered):
+                    if isinstance(result, RecordSkip):
+                        item["failure"] = (result.reason, result.detail)
+                    else:
+                        item["sample"] = result
+            for item in items:
+                item["images"] = None
 
         def select_samples_to_pack(self, items: list[dict]) -> list[list[dict]]:
             return select_packs(items, self.config)
@@ -125,6 +128,7 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             # made, so the riders that broke a budget are found again here.
             for item in items:
                 mark_unpackable(item, self.config)
+            self._render([i for i in items if i["failure"] is None])
             samples = [i["sample"] for i in items if i["failure"] is None]
             row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
                            pad_token_id(self.tokenizer))
@@ -147,6 +151,17 @@ def _failures_recorded(item: dict):
         item["failure"] = (skip.reason, skip.detail)
     except Exception as e:  # noqa: BLE001 - counted and logged with the key, see the module doc
         item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
+
+
+@contextlib.contextmanager
+def _failures_recorded_for(items: list[dict]):
+    """An unexpected error while decoding a pack fails all its records (counted, not lost)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - counted and logged with the keys
+        for item in items:
+            if item["failure"] is None:
+                item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
 
 
 def _item_summary(item: dict) -> dict:
