@@ -64,7 +64,8 @@ def _crude_as_is(crude: dict) -> dict:
 
 
 def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional[int]):
-    """A megatron-energon TaskEncoder for megavl's records (class built lazily, see _energon)."""
+    """A megatron-energon TaskEncoder for megavl's records (the class is built here so that
+    energon is imported only when a loader is made)."""
     e = energon()
     stateless = e.stateless
 
@@ -87,7 +88,7 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             self._decoder: Optional[RecordDecoder] = None
 
         def _record_decoder(self) -> RecordDecoder:
-            # Built in the worker process: the auto back end measures there.
+            # Built in the process that decodes (a worker), where the back end must live.
             if self._decoder is None:
                 backend = select_backend(self.config.data.image_backend)
                 self._decoder = RecordDecoder(self.tokenizer, self.config, self.seed, backend)
@@ -132,8 +133,7 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             samples = [i["sample"] for i in items if i["failure"] is None]
             row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
                            pad_token_id(self.tokenizer))
-            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items],
-                    "has_samples": bool(samples)}
+            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items]}
 
         @stateless
         def batch(self, packs: list[dict]) -> dict:
