@@ -12,8 +12,6 @@ from typing import Optional
 
 from megavl.config import Config, VisionConfig
 from megavl.convert import qwen_common as common
-from megavl.convert.architecture import Architecture
-from megavl.convert.errors import ConversionError
 from megavl.convert.mapping import Direct, FusedQKV, MappingTable, PatchEmbedConv3d, Replicated
 
 _V = "vision.layers.*."
@@ -39,7 +37,7 @@ def vision_mappings(config: Config) -> list:
     ]
 
 
-class Qwen2_VL(Architecture):
+class Qwen2_VL(common.QwenVLArchitecture):
     name = "Qwen2VLForConditionalGeneration"
     model_type = "qwen2_vl"
     hf_aliases = common.HF_ALIASES
@@ -60,9 +58,7 @@ class Qwen2_VL(Architecture):
             ignorable_hf=common.ignorable_hf_tensors(config),
         )
 
-    def megavl_config(self, hf_config, preprocessor: Optional[dict]) -> tuple[Config, list[str]]:
-        problems: list[str] = []
-        notes = [common.CAUSAL_NOTE, common.LORA_NOTE]
+    def megavl_vision(self, hf_config, problems: list[str]) -> VisionConfig:
         v = hf_config.vision_config
         if v.hidden_act != "quick_gelu":
             problems.append(f"vision_config.hidden_act = {v.hidden_act!r}: megavl's non-gated vision MLP is gelu_quick")
@@ -72,8 +68,7 @@ class Qwen2_VL(Architecture):
                 f"vision_config.hidden_size = {v.hidden_size}: must equal text_config.hidden_size "
                 f"({hf_config.text_config.hidden_size})"
             )
-        config = Config()
-        config.model.vision = dataclasses.replace(
+        return dataclasses.replace(
             VisionConfig(),
             num_layers=v.depth,
             hidden_size=v.embed_dim,
@@ -90,16 +85,6 @@ class Qwen2_VL(Architecture):
             norm="layernorm",
             mlp="gelu_quick",
         )
-        config.model.lm = common.lm_config(hf_config, problems)
-        config.train.dtype, dtype_note = common.dtype_name(hf_config)
-        if dtype_note:
-            notes.append(dtype_note)
-        common.apply_preprocessor(config, preprocessor, problems, notes)
-        if problems:
-            raise ConversionError(
-                f"{self.name}: megavl cannot reproduce this model:\n" + "\n".join(f"  - {p}" for p in problems)
-            )
-        return config, notes
 
     def export_problems(self, config: Config) -> list[str]:
         v = config.model.vision
@@ -121,11 +106,9 @@ class Qwen2_VL(Architecture):
             )
         return problems
 
-    def hf_config(self, config: Config, token_ids: dict, base: Optional[dict]):
+    def hf_vision_fields(self, config: Config, base: Optional[dict]) -> dict:
         v, lm = config.model.vision, config.model.lm
-        base = base if base and self.name in (base.get("architectures") or []) else None
-        top_tokens, text_tokens = common.token_fields(token_ids, base)
-        vision = dict(
+        return dict(
             depth=v.num_layers,
             embed_dim=v.hidden_size,
             hidden_size=lm.hidden_size,
@@ -138,12 +121,3 @@ class Qwen2_VL(Architecture):
             temporal_patch_size=v.temporal_patch_size,
             rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
         )
-        hf = self.config_class()(
-            text_config={**common.text_config_fields(config), **text_tokens},
-            vision_config=vision,
-            image_token_id=lm.image_token_id,
-            tie_word_embeddings=lm.tie_embeddings,
-            **top_tokens,
-        )
-        hf.architectures = [self.name]
-        return hf

@@ -7,10 +7,13 @@ names of the loaded modules (transformers renames on load).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Optional
 
-from megavl.config import Config, LMConfig
+from megavl.config import Config, LMConfig, VisionConfig
+from megavl.convert.architecture import Architecture
+from megavl.convert.errors import ConversionError
 from megavl.convert.mapping import QKV, Direct, GatedMLP, Mapping, MegavlOnly, Replicated, SharedLoRAInput
 from megavl.data import tokenizer as tok
 from megavl.data.images import IMAGE_MEAN, IMAGE_STD
@@ -316,3 +319,46 @@ def preprocessor_config(config: Config) -> dict:
     # Readers from transformers 4.x look for these instead of "size".
     data["min_pixels"], data["max_pixels"] = d.min_pixels, d.max_pixels
     return data
+
+
+class QwenVLArchitecture(Architecture):
+    """What Qwen2-VL and Qwen2.5-VL do alike: the config translation around the
+    vision tower, which each subclass describes (megavl_vision, hf_vision_fields)."""
+
+    @abc.abstractmethod
+    def megavl_vision(self, hf_config, problems: list[str]) -> VisionConfig:
+        """megavl's vision tower for hf_config.vision_config; problems collects what cannot be reproduced."""
+
+    @abc.abstractmethod
+    def hf_vision_fields(self, config: Config, base: Optional[dict]) -> dict:
+        """The vision_config fields of config.json for config's vision tower."""
+
+    def megavl_config(self, hf_config, preprocessor: Optional[dict]) -> tuple[Config, list[str]]:
+        problems: list[str] = []
+        notes = [CAUSAL_NOTE, LORA_NOTE]
+        config = Config()
+        config.model.vision = self.megavl_vision(hf_config, problems)
+        config.model.lm = lm_config(hf_config, problems)
+        config.train.dtype, dtype_note = dtype_name(hf_config)
+        if dtype_note:
+            notes.append(dtype_note)
+        apply_preprocessor(config, preprocessor, problems, notes)
+        if problems:
+            raise ConversionError(
+                f"{self.name}: megavl cannot reproduce this model:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+        return config, notes
+
+    def hf_config(self, config: Config, token_ids: dict, base: Optional[dict]):
+        lm = config.model.lm
+        base = base if base and self.name in (base.get("architectures") or []) else None
+        top_tokens, text_tokens = token_fields(token_ids, base)
+        hf = self.config_class()(
+            text_config={**text_config_fields(config), **text_tokens},
+            vision_config=self.hf_vision_fields(config, base),
+            image_token_id=lm.image_token_id,
+            tie_word_embeddings=lm.tie_embeddings,
+            **top_tokens,
+        )
+        hf.architectures = [self.name]
+        return hf
