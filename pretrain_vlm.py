@@ -214,21 +214,17 @@ def _balance_metrics(balance) -> dict:
 
 def _check_data_failures(config, stats) -> None:
     """Stops every rank together when a dataset fails too often (counts summed over DP ranks)."""
-    from megavl.data.energon_stream import check_failure_rates
+    from megavl.data.energon_stream import DataStats, check_failure_rates
 
     if config.data.layout_invariant:
-        read, failed = stats.read, stats.failed  # every rank read the same records
+        total = stats  # every rank read the same records
     else:
         gathered = [None] * dist.get_world_size(_data_parallel_group())
         dist.all_gather_object(gathered, (stats.read, stats.failed), group=_data_parallel_group())
-        read, failed = {}, {}
-        for rank_read, rank_failed in gathered:
-            for name, n in rank_read.items():
-                read[name] = read.get(name, 0) + n
-            for name, reasons in rank_failed.items():
-                for reason, n in reasons.items():
-                    failed.setdefault(name, {})[reason] = failed.get(name, {}).get(reason, 0) + n
-    check_failure_rates(read, failed, config)
+        total = DataStats()
+        for read, failed in gathered:
+            total.add_counts(read, failed)
+    check_failure_rates(total.read, total.failed, config)
 
 
 def _data_parallel_group():

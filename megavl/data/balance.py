@@ -390,6 +390,16 @@ class BalanceStats:
     packs_moved: int  # over all ranks
     packs: int  # over all ranks
 
+    @classmethod
+    def of(cls, counts: Sequence[Sequence[int]], assignment: Assignment) -> "BalanceStats":
+        """The stats of carrying out assignment on packs with these per-rank counts."""
+        return cls(
+            imbalance_before=imbalance([sum(row) for row in counts]),
+            imbalance_after=imbalance(assigned_loads(counts, assignment)),
+            packs_moved=packs_moved(assignment),
+            packs=sum(len(row) for row in counts),
+        )
+
     @property
     def moved_fraction(self) -> float:
         return self.packs_moved / self.packs if self.packs else 0.0
@@ -412,13 +422,7 @@ def balance_step(local_packs: list, vision_tokens_of: Callable[[Any], int],
     counts = _all_gather_counts(local_counts, group)
     assignment = balance_assignment(counts)
     packs = exchange_packs(local_packs, assignment, dist.get_rank(group), group)
-    stats = BalanceStats(
-        imbalance_before=imbalance([sum(row) for row in counts]),
-        imbalance_after=imbalance(assigned_loads(counts, assignment)),
-        packs_moved=packs_moved(assignment),
-        packs=sum(len(row) for row in counts),
-    )
-    return packs, stats
+    return packs, BalanceStats.of(counts, assignment)
 
 
 def _all_gather_counts(local_counts: list[int], group: Optional[dist.ProcessGroup]) -> list[list[int]]:

@@ -21,14 +21,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from megavl.data.balance import (
-    BalanceStats,
-    assigned_loads,
-    balance_assignment,
-    balance_step,
-    imbalance,
-    packs_moved,
-)
+from megavl.data.balance import BalanceStats, balance_assignment, balance_step
 
 
 def vision_tokens_of(batch: dict) -> int:
@@ -72,12 +65,7 @@ class StepBatches:
             return per_rank[self.dp_rank]
         counts = [[vision_tokens_of(b) for b in batches] for batches in per_rank]
         assignment = balance_assignment(counts)
-        self.last_balance = BalanceStats(
-            imbalance_before=imbalance([sum(row) for row in counts]),
-            imbalance_after=imbalance(assigned_loads(counts, assignment)),
-            packs_moved=packs_moved(assignment),
-            packs=len(taken),
-        )
+        self.last_balance = BalanceStats.of(counts, assignment)
         return [per_rank[source][index] for source, index in assignment[self.dp_rank]]
 
     def set_max_pixels(self, max_pixels: Optional[int]) -> None:

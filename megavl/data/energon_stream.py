@@ -54,7 +54,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import braceexpand
 import yaml
@@ -110,9 +110,13 @@ class DataStats:
         self.rows += batch_stats["rows"]
         self.real_tokens += batch_stats["real_tokens"]
         self.vision_tokens += batch_stats["vision_tokens"]
-        for name, n in batch_stats["read"].items():
+        self.add_counts(batch_stats["read"], batch_stats["failed"])
+
+    def add_counts(self, read: dict[str, int], failed: dict[str, dict[str, int]]) -> None:
+        """Records read and failed per dataset (and reason), e.g. another rank's."""
+        for name, n in read.items():
             self.read[name] = self.read.get(name, 0) + n
-        for name, reasons in batch_stats["failed"].items():
+        for name, reasons in failed.items():
             for reason, n in reasons.items():
                 self._count_failed(name, reason, n)
 
@@ -153,6 +157,24 @@ def check_failure_rates(read: dict[str, int], failed: dict[str, dict[str, int]],
 # ---------------------------------------------------------------------------
 
 
+def _metadataset_entries(path: Path) -> Iterator[tuple[str, str, dict, Path]]:
+    """(where, split, entry, the entry's path) for every dataset entry of a metadataset
+    YAML and of the metadatasets it includes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"data path {str(path)!r}: cannot read the metadataset: {e}") from None
+    for split, spec in ((meta or {}).get("splits") or {}).items():
+        spec = spec or {}
+        entries = spec.get("blend") or spec.get("blend_epochized") or ([spec] if "path" in spec else [])
+        for i, entry in enumerate(entries):
+            inner = path.parent / str(entry.get("path", ""))
+            yield f"{path}: splits.{split}.blend[{i}] ({entry.get('path')})", split, entry, inner
+            if inner.suffix in (".yaml", ".yml") and inner.is_file():
+                yield from _metadataset_entries(inner)
+
+
 def check_metadataset(path: str | os.PathLike, config: Config) -> None:
     """Checks the per-dataset settings of a metadataset YAML (and the ones it
     includes) before any worker starts, so a typo fails at once with the
@@ -160,24 +182,11 @@ def check_metadataset(path: str | os.PathLike, config: Config) -> None:
     path = Path(path)
     if path.is_dir():
         return
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"data path {str(path)!r}: cannot read the metadataset: {e}") from None
     problems: list[str] = []
-    for split, spec in (meta or {}).get("splits", {}).items():
-        entries = (spec or {}).get("blend") or (spec or {}).get("blend_epochized") or []
-        if "path" in (spec or {}):
-            entries = [spec]
-        for i, entry in enumerate(entries):
-            where = f"{path}: splits.{split}.blend[{i}] ({entry.get('path')})"
-            override = (entry.get("subflavors") or {}).get("resolution")
-            if override is not None:
-                problems += check_resolution_override(override, config, where)
-            inner = path.parent / str(entry.get("path", ""))
-            if inner.suffix in (".yaml", ".yml") and inner.is_file():
-                check_metadataset(inner, config)
+    for where, _, entry, _ in _metadataset_entries(path):
+        override = (entry.get("subflavors") or {}).get("resolution")
+        if override is not None:
+            problems += check_resolution_override(override, config, where)
     if problems:
         raise ConfigError("invalid dataset settings:\n  " + "\n  ".join(problems))
 
@@ -268,17 +277,8 @@ def check_metadataset_shards(path: Path, split: str) -> None:
 
 
 def _metadataset_folders(path: Path, split: str) -> list[Path]:
-    with open(path, encoding="utf-8") as f:
-        spec = ((yaml.safe_load(f) or {}).get("splits") or {}).get(split) or {}
-    entries = spec.get("blend") or spec.get("blend_epochized") or ([spec] if "path" in spec else [])
-    folders = []
-    for entry in entries:
-        inner = path.parent / str(entry.get("path", ""))
-        if inner.suffix in (".yaml", ".yml") and inner.is_file():
-            folders += _metadataset_folders(inner, split)
-        elif (inner / ".nv-meta" / "split.yaml").is_file():
-            folders.append(inner)
-    return folders
+    return [inner for _, entry_split, _, inner in _metadataset_entries(path)
+            if entry_split == split and (inner / ".nv-meta" / "split.yaml").is_file()]
 
 
 # ---------------------------------------------------------------------------

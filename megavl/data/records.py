@@ -135,9 +135,9 @@ class RecordDecoder:
                 results[record] = RecordSkip("bad_image", f"img{e.index - first}: {e.reason}")
                 pending.remove(record)
                 continue
+            parts = iter(rendered)
             for r in pending:
-                parts = [rendered.pop(0) for _ in planned[r].images]
-                results[r] = self._with_pixels(planned[r], parts)
+                results[r] = self._with_pixels(planned[r], [next(parts) for _ in planned[r].images])
             pending = []
         return results
 

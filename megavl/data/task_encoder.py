@@ -102,7 +102,7 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             item = {"__restore_key__": crude["__restore_key__"], "key": key, "dataset": dataset_name(crude),
                     "sample": None, "images": None, "failure": None}
             members = {k: v for k, v in crude.items() if not k.startswith("__")}
-            with _failures_recorded(item):
+            with _failures_recorded([item]):
                 policy = resolution_for(self.config, crude.get("__subflavors__") or {})
                 planned = self._record_decoder().plan(key, members, policy, self.max_pixels)
                 item["sample"], item["images"] = planned.sample, planned.images
@@ -110,7 +110,7 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
 
         def _render(self, items: list[dict]) -> None:
             """Decodes the pack's images, all in one back-end batch."""
-            with _failures_recorded_for(items):
+            with _failures_recorded(items):
                 rendered = self._record_decoder().render([PlannedRecord(i["sample"], i["images"]) for i in items])
                 for item, result in zip(items, rendered):
                     if isinstance(result, RecordSkip):
@@ -143,25 +143,20 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
 
 
 @contextlib.contextmanager
-def _failures_recorded(item: dict):
-    """Turns an exception while encoding a record into the record's failure."""
+def _failures_recorded(items: list[dict]):
+    """Turns an exception while encoding records into the failure of each of them that
+    has none yet (counted and logged with the keys, not lost; see the module doc)."""
     try:
         yield
     except RecordSkip as skip:
-        item["failure"] = (skip.reason, skip.detail)
-    except Exception as e:  # noqa: BLE001 - counted and logged with the key, see the module doc
-        item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
-
-
-@contextlib.contextmanager
-def _failures_recorded_for(items: list[dict]):
-    """An unexpected error while decoding a pack fails all its records (counted, not lost)."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - counted and logged with the keys
-        for item in items:
-            if item["failure"] is None:
-                item["failure"] = ("decode_error", f"{type(e).__name__}: {e}")
+        failure = (skip.reason, skip.detail)
+    except Exception as e:  # noqa: BLE001
+        failure = ("decode_error", f"{type(e).__name__}: {e}")
+    else:
+        return
+    for item in items:
+        if item["failure"] is None:
+            item["failure"] = failure
 
 
 def _item_summary(item: dict) -> dict:
