@@ -35,7 +35,7 @@ Output, in this order::
     out/.megavl-prepare          marks the folder as this tool's output, so a
                                  later run may clear and rewrite it
     out/{split}-000000.tar ...   WebDataset shards; each is written as
-                                 .{name}.tmp and renamed once complete
+                                 {name}.tmp and renamed once complete
     out/{split}-000000.tar.idx   energon's byte offsets of the samples in each shard
     out/.nv-meta/                energon index, split and dataset.yaml
     out/report.jsonl             one line per skipped sample
@@ -99,7 +99,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -108,6 +107,7 @@ from typing import Any, Callable, Iterator, Optional
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from megavl.data.energon_meta import META_DIR, write_energon_metadata
+from megavl.data.shards import TEMPORARY_SUFFIX, ShardWriter
 from megavl.data.tokenizer import IM_END, IM_START, IMAGE_PAD, IMAGE_PLACEHOLDER, VISION_END, VISION_START
 
 FORMATS = ("llava", "messages")
@@ -499,76 +499,6 @@ def _png(image: Image.Image, path: str) -> bytes:
     return buffer.getvalue()
 
 
-# ---------------------------------------------------------------- shards
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def _temp_name(name: str) -> str:
-    # Hidden and without the .tar suffix: no loader globbing *.tar sees it.
-    return f".{name}.tmp"
-
-
-class ShardWriter:
-    """Writes samples into ``{split}-NNNNNN.tar`` shards that appear only once complete."""
-
-    def __init__(self, out_dir: str, split: str, samples_per_shard: int):
-        self.out_dir = out_dir
-        self.split = split
-        self.samples_per_shard = samples_per_shard
-        self.names: list[str] = []
-        self._file = None
-        self._tar: Optional[tarfile.TarFile] = None
-        self._in_shard = 0
-
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        if self._tar is None:
-            self._open()
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = 0  # so the same input gives byte-identical shards
-            self._tar.addfile(info, io.BytesIO(data))
-        self._in_shard += 1
-        if self._in_shard == self.samples_per_shard:
-            self._finish()
-
-    def close(self) -> list[str]:
-        if self._tar is not None:
-            self._finish()
-        return list(self.names)
-
-    def abort(self) -> None:
-        """Drops the shard being written; finished shards stay."""
-        if self._file is not None:
-            self._file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self._path(_temp_name(self.names[-1])))
-            self.names.pop()
-        self._file = self._tar = None
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.out_dir, name)
-
-    def _open(self) -> None:
-        self.names.append(shard_name(self.split, len(self.names)))
-        self._file = open(self._path(_temp_name(self.names[-1])), "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
-        self._in_shard = 0
-
-    def _finish(self) -> None:
-        self._tar.close()  # writes the end-of-archive blocks
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        name = self.names[-1]
-        os.replace(self._path(_temp_name(name)), self._path(name))
-        self._file = self._tar = None
-
-
 # ---------------------------------------------------------------- output folder
 
 
@@ -593,9 +523,14 @@ def claim_output_dir(out_dir: str) -> None:
         f.write("written by tools/prepare_data.py; the folder may be overwritten by its next run\n")
 
 
+def _temp_name(name: str) -> str:
+    # Hidden: the report and summary appear only when complete.
+    return f".{name}.tmp"
+
+
 def _is_previous_output(name: str) -> bool:
     temporary = name.startswith(".") and name.endswith(".tmp")
-    return name in (REPORT, SUMMARY) or name.endswith((".tar", ".tar.idx")) or temporary
+    return name in (REPORT, SUMMARY) or name.endswith((".tar", ".tar.idx", TEMPORARY_SUFFIX)) or temporary
 
 
 def _write_atomically(path: str, text: str) -> None:

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Iterator, Optional
 from PIL import Image, ImageDraw, ImageFont, features
 
 from megavl.data.energon_meta import write_energon_metadata
+from megavl.data.shards import TEMPORARY_SUFFIX, ShardWriter
 from megavl.data.tokenizer import (
     BOX_END,
     BOX_START,
@@ -521,14 +522,9 @@ def iter_samples(seed: int, split: str, count: int) -> Iterator[tuple[dict, list
 # ---------------------------------------------------------------- shards
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def _tar_members(record: dict, images: list[bytes]) -> dict:
-    members = {"__key__": record["id"], "json": json.dumps(record, ensure_ascii=False, sort_keys=True).encode()}
-    for i, data in enumerate(images):
-        members[f"img{i}.png"] = data
+def _tar_members(record: dict, images: list[bytes]) -> list[tuple[str, bytes]]:
+    members = [("json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode())]
+    members += [(f"img{i}.png", data) for i, data in enumerate(images)]
     return members
 
 
@@ -536,7 +532,7 @@ def _clear_split_dir(split_dir: str) -> None:
     # Shards of an earlier, larger run would otherwise be picked up by globs,
     # and their energon index would describe the wrong files.
     for name in os.listdir(split_dir):
-        if name.startswith("shard-") and name.endswith((".tar", ".tar.tmp", ".tar.idx")):
+        if name.startswith("shard-") and name.endswith((".tar", TEMPORARY_SUFFIX, ".tar.idx")):
             os.remove(os.path.join(split_dir, name))
     shutil.rmtree(os.path.join(split_dir, ".nv-meta"), ignore_errors=True)
 
@@ -544,43 +540,13 @@ def _clear_split_dir(split_dir: str) -> None:
 def write_shards(
     samples: Iterable[tuple[dict, list[bytes]]], split_dir: str, samples_per_shard: int
 ) -> list[str]:
-    """Writes samples into shard-NNNNNN.tar files; returns their names.
-
-    Each shard is written as ``*.tar.tmp`` and renamed once closed, so a
-    crash never leaves a truncated shard under a final name.
-    """
-    from webdataset import TarWriter
-
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    """Writes samples into shard-NNNNNN.tar files (megavl.data.shards); returns their names."""
+    writer = ShardWriter(split_dir, "shard", samples_per_shard)
     os.makedirs(split_dir, exist_ok=True)
     _clear_split_dir(split_dir)
-    names: list[str] = []
-    writer = handle = None
-    in_shard = 0
-
-    def finish() -> None:
-        writer.close()
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        final = os.path.join(split_dir, names[-1])
-        os.replace(final + ".tmp", final)
-
     for record, images in samples:
-        if writer is None:
-            names.append(shard_name(len(names)))
-            handle = open(os.path.join(split_dir, names[-1] + ".tmp"), "wb")
-            # A fixed mtime and owner keep shards byte-identical across runs.
-            writer = TarWriter(handle, encoder=False, mtime=0, user="megavl", group="megavl")
-        writer.write(_tar_members(record, images))
-        in_shard += 1
-        if in_shard == samples_per_shard:
-            finish()
-            writer, in_shard = None, 0
-    if writer is not None:
-        finish()
-    return names
+        writer.add(record["id"], _tar_members(record, images))
+    return writer.close()
 
 
 # ---------------------------------------------------------------- corpus
