@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Optional
 
 from megavl.config import Config, ResolutionConfig
-from megavl.data.batch import Sample, collate_rows, pack_row
+from megavl.data.batch import collate_rows, pack_row
 from megavl.data.conversation import pad_token_id
 from megavl.data.image_backends import select_backend
-from megavl.data.packing import GreedyPacker
+from megavl.data.balance import microbatch_vision_tokens
+from megavl.data.packing import GreedyPacker, sample_vision_tokens
 from megavl.data.records import PlannedRecord, RecordDecoder, RecordSkip
 
 
@@ -163,16 +164,12 @@ def _item_summary(item: dict) -> dict:
     return {"dataset": item["dataset"], "key": item["key"], "failure": item["failure"]}
 
 
-def _vision_tokens(sample: Sample, merge: int) -> int:
-    return sum(image.num_tokens(merge) for image in sample.images)
-
-
 def mark_unpackable(item: dict, config: Config) -> None:
     """Sets the failure of a record that no pack can hold (the budget it breaks)."""
     sample, d = item["sample"], config.data
     if item["failure"] is not None:
         return
-    vision = _vision_tokens(sample, config.model.vision.spatial_merge_size)
+    vision = sample_vision_tokens(sample, config.model.vision.spatial_merge_size)
     if len(sample) > config.train.seq_length:
         item["failure"] = ("too_long", f"{len(sample)} tokens > train.seq_length {config.train.seq_length}")
     elif len(sample.images) > d.max_images_per_pack:
@@ -237,12 +234,10 @@ def collate_packs(packs: list[dict], config: Config, tokenizer) -> dict:
                 counts = failed.setdefault(item["dataset"], {})
                 counts[reason] = counts.get(reason, 0) + 1
                 failures.append((item["dataset"], item["key"], reason, detail))
-    merge = config.model.vision.spatial_merge_size
-    grid = batch["image_grid_thw"]
     batch["data_stats"] = {
         "rows": len(rows),
         "real_tokens": int((batch["document_ids"] >= 0).sum()),
-        "vision_tokens": int(grid.prod(dim=1).sum()) // (merge * merge) if grid is not None else 0,
+        "vision_tokens": microbatch_vision_tokens(batch, config.model.vision.spatial_merge_size),
         "read": read,
         "failed": failed,
         "failures": failures,
