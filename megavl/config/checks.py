@@ -1,0 +1,406 @@
+"""Cross-field validation: can this config run on this many processes?
+
+Every check runs and every failure is collected, so one call reports all
+problems, each naming the field, its value and what would be valid. Runs
+before any process group exists, so a bad setting fails in seconds.
+"""
+
+import dataclasses
+import typing
+from typing import Any, Literal, Optional, Union
+
+from megavl.config.errors import report_problems
+from megavl.config.layout import model_parallel_size, pipeline_split
+from megavl.config.loading import build_section, field_types
+from megavl.config.schema import Config, ResolutionConfig
+
+
+class _Checks:
+    """Collects every failed check so the user can fix them in one pass."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def require(self, ok: bool, message: str) -> bool:
+        if not ok:
+            self.problems.append(message)
+        return ok
+
+    def at_least(self, name: str, value: Any, low: Union[int, float]) -> bool:
+        return self.require(value >= low, f"{name} = {value!r}: must be >= {low}")
+
+    def positive(self, name: str, value: Any) -> bool:
+        return self.require(value > 0, f"{name} = {value!r}: must be > 0")
+
+    def probability(self, name: str, value: float) -> bool:
+        return self.require(0.0 <= value <= 1.0, f"{name} = {value!r}: must be in [0, 1]")
+
+    def divisible(self, name: str, value: int, by_name: str, by: int) -> bool:
+        # A non-positive divisor has its own message elsewhere.
+        if by < 1:
+            return False
+        return self.require(
+            value % by == 0,
+            f"{name} = {value}: must be divisible by {by_name} ({by})",
+        )
+
+
+def _check_choices(c: _Checks, section: Any, prefix: str) -> None:
+    """Every Literal field of section (and its sub-sections) holds one of its values."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, path = getattr(section, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            _check_choices(c, value, path)
+        elif typing.get_origin(hints[f.name]) is Literal:
+            allowed = typing.get_args(hints[f.name])
+            c.require(value in allowed, f"{path} = {value!r}: must be one of {', '.join(allowed)}")
+
+
+def _head_dim_checks(c: _Checks, section: str, hidden: int, heads: int, tp: int) -> Optional[int]:
+    """Checks shared by both transformers; returns head_dim when it is sound."""
+    ok = c.at_least(f"{section}.hidden_size", hidden, 1)
+    ok = c.at_least(f"{section}.num_attention_heads", heads, 1) and ok
+    if not ok:
+        return None
+    c.divisible(f"{section}.num_attention_heads", heads, "parallel.tensor", tp)
+    if not c.divisible(f"{section}.hidden_size", hidden, f"{section}.num_attention_heads", heads):
+        return None
+    head_dim = hidden // heads
+    # Rotary embeddings rotate pairs of channels.
+    if not c.require(
+        head_dim % 2 == 0,
+        f"{section}.hidden_size / {section}.num_attention_heads = {hidden}/{heads} "
+        f"= head dim {head_dim}: must be even for rotary embeddings",
+    ):
+        return None
+    return head_dim
+
+
+def _check_vision(c: _Checks, config: Config) -> None:
+    v = config.model.vision
+    tp = config.parallel.tensor
+    s = "model.vision"
+    c.at_least(f"{s}.num_layers", v.num_layers, 1)
+    _head_dim_checks(c, s, v.hidden_size, v.num_attention_heads, tp)
+    if c.at_least(f"{s}.ffn_hidden_size", v.ffn_hidden_size, 1):
+        c.divisible(f"{s}.ffn_hidden_size", v.ffn_hidden_size, "parallel.tensor", tp)
+    patch_ok = c.at_least(f"{s}.patch_size", v.patch_size, 1)
+    c.at_least(f"{s}.temporal_patch_size", v.temporal_patch_size, 1)
+    c.at_least(f"{s}.in_channels", v.in_channels, 1)
+    merge_ok = c.at_least(f"{s}.spatial_merge_size", v.spatial_merge_size, 1)
+    if patch_ok and merge_ok:
+        # Windows must hold whole merged tokens, or merging would straddle
+        # window boundaries.
+        unit = v.patch_size * v.spatial_merge_size
+        c.require(
+            v.window_size > 0 and v.window_size % unit == 0,
+            f"{s}.window_size = {v.window_size}: must be a positive multiple of "
+            f"{s}.patch_size * {s}.spatial_merge_size = {unit}",
+        )
+    bad = [i for i in v.full_attention_layers if not 0 <= i < v.num_layers]
+    c.require(
+        not bad,
+        f"{s}.full_attention_layers = {v.full_attention_layers}: indices {bad} are "
+        f"outside [0, {v.num_layers}) (0-based, {s}.num_layers = {v.num_layers})",
+    )
+    c.positive(f"{s}.norm_eps", v.norm_eps)
+    c.positive(f"{s}.rope_theta", v.rope_theta)
+
+
+def _check_adapter(c: _Checks, config: Config) -> None:
+    a = config.model.adapter
+    if a.ffn_hidden_size is None:
+        return
+    name = "model.adapter.ffn_hidden_size"
+    if c.at_least(name, a.ffn_hidden_size, 1):
+        c.divisible(name, a.ffn_hidden_size, "parallel.tensor", config.parallel.tensor)
+
+
+def _check_lm(c: _Checks, config: Config) -> None:
+    m = config.model.lm
+    tp = config.parallel.tensor
+    s = "model.lm"
+    c.at_least(f"{s}.num_layers", m.num_layers, 1)
+    head_dim = _head_dim_checks(c, s, m.hidden_size, m.num_attention_heads, tp)
+    if c.at_least(f"{s}.num_query_groups", m.num_query_groups, 1):
+        c.divisible(f"{s}.num_query_groups", m.num_query_groups, "parallel.tensor", tp)
+        if m.num_attention_heads >= 1:
+            c.divisible(
+                f"{s}.num_attention_heads", m.num_attention_heads,
+                f"{s}.num_query_groups", m.num_query_groups,
+            )
+    if c.at_least(f"{s}.ffn_hidden_size", m.ffn_hidden_size, 1):
+        c.divisible(f"{s}.ffn_hidden_size", m.ffn_hidden_size, "parallel.tensor", tp)
+    vocab_ok = c.at_least(f"{s}.vocab_size", m.vocab_size, 1)
+    if m.rope == "mrope":
+        c.require(
+            len(m.mrope_section) == 3 and all(x >= 0 for x in m.mrope_section),
+            f"{s}.mrope_section = {m.mrope_section}: must be 3 non-negative "
+            "entries (temporal, height, width)",
+        )
+        if head_dim is not None:
+            c.require(
+                sum(m.mrope_section) == head_dim // 2,
+                f"{s}.mrope_section = {m.mrope_section}: sums to {sum(m.mrope_section)}, "
+                f"must sum to head_dim // 2 = {head_dim // 2} "
+                f"({s}.hidden_size {m.hidden_size} / num_attention_heads "
+                f"{m.num_attention_heads} = {head_dim})",
+            )
+    c.positive(f"{s}.rope_theta", m.rope_theta)
+    c.positive(f"{s}.norm_eps", m.norm_eps)
+    c.at_least(f"{s}.max_position_embeddings", m.max_position_embeddings, 1)
+    if vocab_ok:
+        c.require(
+            0 <= m.image_token_id < m.vocab_size,
+            f"{s}.image_token_id = {m.image_token_id}: must be in "
+            f"[0, {s}.vocab_size = {m.vocab_size})",
+        )
+
+
+def _check_moe(c: _Checks, config: Config) -> None:
+    m = config.model.lm.moe
+    s = "model.lm.moe"
+    if not c.at_least(f"{s}.num_experts", m.num_experts, 0) or m.num_experts == 0:
+        return
+    c.require(
+        1 <= m.top_k <= m.num_experts,
+        f"{s}.top_k = {m.top_k}: must be in [1, {s}.num_experts = {m.num_experts}]",
+    )
+    ffn = m.ffn_hidden_size if m.ffn_hidden_size is not None else config.model.lm.ffn_hidden_size
+    if c.at_least(f"{s}.ffn_hidden_size", ffn, 1):
+        c.divisible(f"{s}.ffn_hidden_size", ffn, "parallel.expert_tensor", max(1, config.parallel.expert_tensor))
+    if m.shared_expert_ffn_hidden_size is not None:
+        c.at_least(f"{s}.shared_expert_ffn_hidden_size", m.shared_expert_ffn_hidden_size, 1)
+    layers = config.model.lm.num_layers
+    bad = [i for i in m.dense_layers if not 0 <= i < layers]
+    c.require(not bad, f"{s}.dense_layers = {m.dense_layers}: indices {bad} are outside [0, {layers})")
+    c.require(
+        len(set(m.dense_layers)) < layers,
+        f"{s}.dense_layers = {m.dense_layers}: every layer is dense; set num_experts = 0 instead",
+    )
+    c.at_least(f"{s}.aux_loss_coeff", m.aux_loss_coeff, 0.0)
+    c.at_least(f"{s}.z_loss_coeff", m.z_loss_coeff, 0.0)
+
+
+def _check_vision_lora(c: _Checks, config: Config) -> None:
+    lora = config.model.lm.vision_lora
+    s = "model.lm.vision_lora"
+    ranks_ok = c.at_least(f"{s}.mlp_rank", lora.mlp_rank, 0)
+    ranks_ok = c.at_least(f"{s}.attn_rank", lora.attn_rank, 0) and ranks_ok
+    if not ranks_ok or (lora.mlp_rank == 0 and lora.attn_rank == 0):
+        return
+    c.positive(f"{s}.alpha", lora.alpha)
+    if c.at_least(f"{s}.weight_decay", lora.weight_decay, 0.0) and lora.weight_decay > 0:
+        c.require(
+            config.train.weight_decay > 0,
+            f"{s}.weight_decay = {lora.weight_decay}: needs train.weight_decay > 0 "
+            "(the adapters' decay is applied as a multiple of it)",
+        )
+    if config.model.lm.moe.num_experts and lora.mlp_rank:
+        c.require(
+            config.parallel.expert_tensor == 1,
+            f"parallel.expert_tensor = {config.parallel.expert_tensor}: vision LoRA on experts "
+            "supports expert_tensor = 1 only (set model.lm.vision_lora.mlp_rank = 0 otherwise)",
+        )
+
+
+def _check_pipeline_split(c: _Checks, config: Config) -> None:
+    if config.parallel.pipeline < 1 or config.model.lm.num_layers < 1:
+        return  # reported by the size checks
+    _, problem = pipeline_split(config)
+    c.require(problem is None, problem)
+
+
+def _check_parallel(c: _Checks, config: Config, world_size: int) -> Optional[int]:
+    """Returns the data-parallel size when it is well defined."""
+    p = config.parallel
+    sizes_ok = True
+    for name in ("tensor", "pipeline", "expert", "context"):
+        sizes_ok = c.at_least(f"parallel.{name}", getattr(p, name), 1) and sizes_ok
+    experts = config.model.lm.moe.num_experts
+    c.at_least("parallel.expert_tensor", p.expert_tensor, 1)
+    if experts == 0:
+        for name in ("expert", "expert_tensor"):
+            c.require(
+                getattr(p, name) <= 1,
+                f"parallel.{name} = {getattr(p, name)}: expert parallelism needs a mixture-of-experts "
+                "LM, and model.lm has no experts (model.lm.moe.num_experts = 0); use 1",
+            )
+    else:
+        if p.expert >= 1:
+            c.divisible("model.lm.moe.num_experts", experts, "parallel.expert", p.expert)
+        c.require(
+            p.tensor == 1 or p.sequence_parallel,
+            f"parallel.sequence_parallel = False with parallel.tensor = {p.tensor}: "
+            "mixture-of-experts layers with tensor parallelism need sequence parallelism; set it true",
+        )
+        expert_grid = p.expert * p.expert_tensor * p.pipeline
+        if world_size >= 1 and expert_grid >= 1:
+            c.require(
+                world_size % expert_grid == 0,
+                f"world size {world_size}: must be divisible by parallel.expert * parallel.expert_tensor "
+                f"* parallel.pipeline = {p.expert}*{p.expert_tensor}*{p.pipeline} = {expert_grid}",
+            )
+    c.require(
+        p.context == 1,
+        f"parallel.context = {p.context}: context parallelism is not supported "
+        "by this model yet; use 1",
+    )
+    _check_pipeline_split(c, config)
+    if p.sequence_parallel:
+        c.require(
+            p.tensor > 1,
+            f"parallel.sequence_parallel = True: requires parallel.tensor > 1 "
+            f"(got {p.tensor})",
+        )
+        if p.tensor >= 1:
+            c.divisible("train.seq_length", config.train.seq_length, "parallel.tensor", p.tensor)
+    if not c.at_least("world size", world_size, 1) or not sizes_ok:
+        return None
+    mp = model_parallel_size(config)
+    if not c.require(
+        world_size % mp == 0,
+        f"world size {world_size}: must be divisible by parallel.tensor * "
+        f"parallel.pipeline * parallel.context = {p.tensor}*{p.pipeline}*{p.context} = {mp}",
+    ):
+        return None
+    return world_size // mp
+
+
+def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
+    t = config.train
+    c.positive("train.steps", t.steps)
+    c.at_least("train.seed", t.seed, 0)
+    mbs_ok = c.at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    gbs_ok = c.at_least("train.global_batch_size", t.global_batch_size, 1)
+    if mbs_ok and gbs_ok and dp is not None:
+        c.require(
+            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+            f"train.global_batch_size = {t.global_batch_size}: must be divisible by "
+            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size}*{dp} "
+            f"= {t.micro_batch_size * dp}",
+        )
+    if c.positive("train.seq_length", t.seq_length):
+        c.require(
+            t.seq_length <= config.model.lm.max_position_embeddings,
+            f"train.seq_length = {t.seq_length}: must be <= "
+            f"model.lm.max_position_embeddings ({config.model.lm.max_position_embeddings})",
+        )
+    if c.at_least("train.min_lr", t.min_lr, 0):
+        c.require(
+            t.lr >= t.min_lr,
+            f"train.lr = {t.lr}: must be >= train.min_lr ({t.min_lr})",
+        )
+    if c.at_least("train.warmup_steps", t.warmup_steps, 0):
+        c.require(
+            t.warmup_steps <= t.steps,
+            f"train.warmup_steps = {t.warmup_steps}: must be <= train.steps ({t.steps})",
+        )
+    c.at_least("train.weight_decay", t.weight_decay, 0)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(t, name)
+        c.require(0.0 <= value < 1.0, f"train.{name} = {value}: must be in [0, 1)")
+    c.positive("train.adam_eps", t.adam_eps)
+    c.at_least("train.clip_grad", t.clip_grad, 0)
+    c.require(0.0 <= t.dropout < 1.0, f"train.dropout = {t.dropout}: must be in [0, 1)")
+    c.require(t.init_std > 0.0, f"train.init_std = {t.init_std}: must be > 0")
+    c.at_least("train.eval_interval", t.eval_interval, 1)
+    c.at_least("train.eval_steps", t.eval_steps, 1)
+
+
+def check_resolution(c: "_Checks", r: ResolutionConfig, config: Config, prefix: str = "data.resolution") -> None:
+    """Also used for a dataset's override, with the dataset named in prefix."""
+    v = config.model.vision
+    unit = v.patch_size * v.spatial_merge_size
+    if c.at_least(f"{prefix}.min_pixels", r.min_pixels, 1):
+        c.require(
+            r.min_pixels <= r.max_pixels,
+            f"{prefix}.min_pixels = {r.min_pixels}: must be <= {prefix}.max_pixels ({r.max_pixels})",
+        )
+    # An image must fit at least one merged token.
+    c.require(
+        r.max_pixels >= unit * unit,
+        f"{prefix}.max_pixels = {r.max_pixels}: must be >= ({v.patch_size}*"
+        f"{v.spatial_merge_size})**2 = {unit * unit}, one merged vision token",
+    )
+    if c.positive(f"{prefix}.fixed_tokens", r.fixed_tokens):
+        side = round(r.fixed_tokens ** 0.5)
+        c.require(
+            side * side == r.fixed_tokens,
+            f"{prefix}.fixed_tokens = {r.fixed_tokens}: must be a square number "
+            f"(e.g. 64, 100, 256, 400) so the regime is a square of merged tokens",
+        )
+    if c.positive(f"{prefix}.tile_size", r.tile_size):
+        c.require(
+            r.tile_size % unit == 0,
+            f"{prefix}.tile_size = {r.tile_size}: must be a multiple of patch_size*spatial_merge_size = {unit}",
+        )
+    if c.at_least(f"{prefix}.min_tiles", r.min_tiles, 1):
+        c.require(
+            r.max_tiles >= r.min_tiles,
+            f"{prefix}.max_tiles = {r.max_tiles}: must be >= {prefix}.min_tiles ({r.min_tiles})",
+        )
+
+
+def check_resolution_override(override: Any, config: Config, where: str) -> list[str]:
+    """Problems with a dataset's ``subflavors.resolution`` (fields over data.resolution)."""
+    prefix = f"{where}: subflavors.resolution"
+    if not isinstance(override, dict):
+        return [f"{prefix} = {override!r}: expected a mapping of {', '.join(field_types(ResolutionConfig))}"]
+    problems: list[str] = []
+    merged = {**dataclasses.asdict(config.data.resolution), **override}
+    resolution = build_section(ResolutionConfig, merged, prefix, problems)
+    if not problems:
+        c = _Checks()
+        _check_choices(c, resolution, prefix)
+        check_resolution(c, resolution, config, prefix)
+        problems += c.problems
+    return problems
+
+
+def _check_data(c: _Checks, config: Config) -> None:
+    d = config.data
+    c.at_least("data.num_workers", d.num_workers, 0)
+    check_resolution(c, d.resolution, config)
+    s = d.max_pixels_schedule
+    if c.at_least("data.max_pixels_schedule.start_max_pixels", s.start_max_pixels, 0) and s.start_max_pixels:
+        c.require(
+            s.start_max_pixels <= d.resolution.max_pixels,
+            f"data.max_pixels_schedule.start_max_pixels = {s.start_max_pixels}: must be <= "
+            f"data.resolution.max_pixels ({d.resolution.max_pixels})",
+        )
+        c.require(0.0 < s.fraction <= 1.0, f"data.max_pixels_schedule.fraction = {s.fraction}: must be in (0, 1]")
+        c.positive("data.max_pixels_schedule.stages", s.stages)
+    c.positive("data.max_image_pixels", d.max_image_pixels)
+    c.probability("data.conversation_mask_prob", d.conversation_mask_prob)
+    c.probability("data.grounding_conversation_mask_prob", d.grounding_conversation_mask_prob)
+    c.at_least("data.max_images_per_pack", d.max_images_per_pack, 1)
+    c.at_least("data.max_vision_tokens_per_pack", d.max_vision_tokens_per_pack, 0)
+    c.positive("data.packing_buffer_size", d.packing_buffer_size)
+    c.positive("data.shuffle_buffer_size", d.shuffle_buffer_size)
+    c.positive("data.max_samples_per_sequence", d.max_samples_per_sequence)
+    c.probability("data.max_failure_rate", d.max_failure_rate)
+    c.positive("data.failure_check_min_samples", d.failure_check_min_samples)
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Check that config can run on world_size processes.
+
+    Raises ConfigError listing every problem, each naming the field, its
+    value and what would be valid.
+    """
+    c = _Checks()
+    _check_choices(c, config, "")
+    _check_vision(c, config)
+    _check_adapter(c, config)
+    _check_lm(c, config)
+    _check_moe(c, config)
+    _check_vision_lora(c, config)
+    dp = _check_parallel(c, config, world_size)
+    _check_train(c, config, dp)
+    _check_data(c, config)
+    c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
+    c.at_least("logging.interval", config.logging.interval, 1)
+    if c.problems:
+        raise report_problems(c.problems, f"invalid configuration for world size {world_size}")

@@ -1,0 +1,304 @@
+"""The run configuration's schema: plain dataclasses, one per section.
+
+Every field has a type and a default; a field with a fixed set of values is a
+``typing.Literal``, the one place those values are written (loading accepts
+any string there and ``validate`` names the valid ones). Loading from YAML
+lives in megavl/config/loading.py, the cross-field checks in checks.py.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, get_args
+
+__all__ = [
+    "VisionConfig",
+    "AdapterConfig",
+    "MoEConfig",
+    "VisionLoRAConfig",
+    "LMConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "ResolutionConfig",
+    "MaxPixelScheduleConfig",
+    "DataConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "Config",
+    "RopeKind",
+    "MoEDispatcher",
+    "ImageAttention",
+    "DType",
+    "VisionNorm",
+    "VisionMLP",
+    "ResolutionMode",
+    "FixedFit",
+    "ImageBackendName",
+    "ROPE_KINDS",
+    "MOE_DISPATCHERS",
+    "IMAGE_ATTENTION_KINDS",
+    "DTYPES",
+    "VISION_NORMS",
+    "VISION_MLPS",
+    "RESOLUTION_MODES",
+    "FIXED_FITS",
+    "IMAGE_BACKENDS",
+]
+
+RopeKind = Literal["1d", "mrope"]
+MoEDispatcher = Literal["alltoall", "allgather"]
+ImageAttention = Literal["bidirectional", "causal"]
+DType = Literal["fp32", "bf16"]
+# Vision-tower variants: Qwen2.5-VL uses RMSNorm + SwiGLU, Qwen2-VL LayerNorm + QuickGELU.
+VisionNorm = Literal["rmsnorm", "layernorm"]
+VisionMLP = Literal["swiglu", "gelu_quick"]
+# How an image becomes vision tokens (see megavl/data/resolution.py).
+ResolutionMode = Literal["native", "fixed", "tiling"]
+FixedFit = Literal["pad", "resize"]
+ImageBackendName = Literal["auto", "dali", "pillow"]
+
+# The same choices as tuples, for code that iterates over them.
+ROPE_KINDS = get_args(RopeKind)
+MOE_DISPATCHERS = get_args(MoEDispatcher)
+IMAGE_ATTENTION_KINDS = get_args(ImageAttention)
+DTYPES = get_args(DType)
+VISION_NORMS = get_args(VisionNorm)
+VISION_MLPS = get_args(VisionMLP)
+RESOLUTION_MODES = get_args(ResolutionMode)
+FIXED_FITS = get_args(FixedFit)
+IMAGE_BACKENDS = get_args(ImageBackendName)
+
+
+@dataclass
+class VisionConfig:
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 128
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    # Pixels per window side; a window holds window_size // patch_size
+    # patches per side.
+    window_size: int = 112
+    # 0-based layers that attend over the whole image; the rest use windows.
+    full_attention_layers: list[int] = field(default_factory=lambda: [3])
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # Norm of the encoder layers and of the adapter's pre-merge norm
+    # (layernorm has a bias).
+    norm: VisionNorm = "rmsnorm"
+    # swiglu: gated fc1 = [gate; up] with SiLU; gelu_quick: fc1 -> x*sigmoid(1.702x) -> fc2.
+    mlp: VisionMLP = "swiglu"
+
+
+@dataclass
+class AdapterConfig:
+    # None means vision.hidden_size * spatial_merge_size**2, i.e. the width
+    # of the merged patch vector the adapter consumes.
+    ffn_hidden_size: Optional[int] = None
+
+
+@dataclass
+class MoEConfig:
+    # 0 keeps the LM dense; otherwise the MLPs of every layer not in dense_layers
+    # become mixture-of-experts layers with a router shared by text and vision tokens.
+    num_experts: int = 0
+    top_k: int = 2
+    # Per-expert FFN width; None uses model.lm.ffn_hidden_size.
+    ffn_hidden_size: Optional[int] = None
+    # Width of an always-on shared expert; None for none.
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    # 0-based LM layers that keep a dense MLP (e.g. [0] for a dense first layer).
+    dense_layers: list[int] = field(default_factory=list)
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 1e-3
+    dispatcher: MoEDispatcher = "alltoall"
+    # True: the top-k probabilities are renormalised to sum to one (softmax over
+    # the chosen logits); False: each chosen expert keeps its softmax probability
+    # over all experts (megatron's moe_router_pre_softmax; Qwen3 norm_topk_prob=false).
+    normalize_top_k: bool = True
+
+
+@dataclass
+class VisionLoRAConfig:
+    # Low-rank adapters that only vision tokens use, on every (expert) MLP and on
+    # the attention's QKV and output projections. A rank of 0 removes them.
+    mlp_rank: int = 32
+    attn_rank: int = 8
+    # The update is (alpha / rank) * B @ A.
+    alpha: float = 32.0
+    # Their own weight decay, pulling the vision path back toward the text path.
+    weight_decay: float = 0.1
+    # False keeps the adapters in the model (and checkpoints) but unused and
+    # frozen, e.g. for the alignment stage.
+    enabled: bool = True
+
+
+@dataclass
+class LMConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 344
+    vocab_size: int = 2048
+    qkv_bias: bool = True
+    qk_layernorm: bool = False
+    rope: RopeKind = "mrope"
+    # Rotary frequency pairs given to the temporal, height and width axes.
+    mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
+    rope_theta: float = 1000000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    image_attention: ImageAttention = "bidirectional"
+    image_token_id: int = 3
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    vision_lora: VisionLoRAConfig = field(default_factory=VisionLoRAConfig)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    # Tensor parallelism inside each expert (megatron's expert_tensor_parallel_size).
+    expert_tensor: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    # LM layers on the first pipeline stage. That stage also runs the vision
+    # encoder, so giving it fewer LM layers balances the stages. None splits
+    # the LM evenly.
+    first_stage_lm_layers: Optional[int] = None
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class ResolutionConfig:
+    """How images are sized; the default for every dataset, and per dataset
+    overridable from a metadataset's ``subflavors: {resolution: {...}}``."""
+
+    # native: keep the aspect ratio, sides multiples of patch*merge, area in
+    #   [min_pixels, max_pixels] (Qwen2-VL's rule).
+    # fixed: one square regime of fixed_tokens merged tokens (256 -> 448x448 px
+    #   at patch 14 / merge 2), reached by padding (aspect kept) or resizing.
+    # tiling: a grid of tile_size tiles fitting the aspect ratio, up to
+    #   max_tiles, plus an optional global thumbnail (documents).
+    mode: ResolutionMode = "native"
+    min_pixels: int = 3136
+    max_pixels: int = 200704
+    fixed_tokens: int = 256
+    fixed_fit: FixedFit = "pad"
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 9
+    thumbnail: bool = True
+    # Text such as "<tile_1_2>" / "<tile_global>" before each tile's image tokens.
+    tile_tags: bool = False
+
+
+@dataclass
+class MaxPixelScheduleConfig:
+    """Progressive cap on native-resolution max_pixels: a step function that
+    rises geometrically from start_max_pixels to data.resolution.max_pixels in
+    `stages` equal steps over the first `fraction` of training."""
+
+    start_max_pixels: int = 0  # 0: no schedule, the cap is max_pixels throughout
+    fraction: float = 0.35
+    stages: int = 4
+
+
+@dataclass
+class DataConfig:
+    # A prepared dataset directory (energon .nv-meta) or a metadataset YAML
+    # blending several of them.
+    train_path: Optional[str] = None
+    val_path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    # Dataloader worker processes per rank (decode runs in them); 0 decodes in
+    # the training process.
+    num_workers: int = 0
+    image_backend: ImageBackendName = "auto"
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    max_pixels_schedule: MaxPixelScheduleConfig = field(default_factory=MaxPixelScheduleConfig)
+    # Images larger than this are refused before decoding (decompression bombs).
+    max_image_pixels: int = 64_000_000
+    conversation_mask_prob: float = 0.5
+    grounding_conversation_mask_prob: float = 0.7
+    max_images_per_pack: int = 8
+    # Vision-token budget per pack; 0: only the token budget (train.seq_length) applies.
+    max_vision_tokens_per_pack: int = 0
+    # Records the packer chooses from at a time (first-fit decreasing). They hold
+    # only encoded bytes until packed: a larger buffer packs tighter for little memory.
+    packing_buffer_size: int = 512
+    shuffle_buffer_size: int = 100
+    # Energon reads shards in random slices of at most this many samples.
+    max_samples_per_sequence: int = 100
+    # Even out vision tokens across data-parallel ranks within each step.
+    balance_vision_tokens: bool = True
+    # Stop the run when a dataset's share of failed samples exceeds this after
+    # at least failure_check_min_samples of its samples were read.
+    max_failure_rate: float = 0.05
+    failure_check_min_samples: int = 200
+    # True: every data-parallel rank reads the global stream and takes its share of
+    # microbatches, so results do not depend on the DP size (each rank decodes all
+    # samples). False: records are split across DP ranks (each decodes only its own).
+    layout_invariant: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    micro_batch_size: int = 1
+    global_batch_size: int = 4
+    seq_length: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    dtype: DType = "fp32"
+    dropout: float = 0.0
+    # Std of the normal initialisation (residual outputs are scaled by 1/sqrt(2 * layers)).
+    init_std: float = 0.02
+    eval_interval: int = 50
+    eval_steps: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    # Weights to start from (e.g. tools/convert_from_hf.py output) when not resuming;
+    # vision adapters missing from it start fresh (B = 0, so the model is unchanged).
+    pretrained: Optional[str] = None
+    # 0 saves only at the end of training.
+    interval: int = 0
+    load: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    interval: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
