@@ -96,7 +96,8 @@ def test_pretrained_weights_without_adapters_start_them_fresh(megatron_world, tm
     from megavl.data.random_samples import random_sample
     from megavl.models.build import build_model
     from megavl.training.checkpoint import load_model_weights, save_model_weights
-    from megavl.training.step import attention_mask_for, model_inputs
+    from megavl.models.inputs import attention_mask_for
+    from megavl.models.inputs import to_device as model_inputs
 
     from conftest import ROOT
 

@@ -13,7 +13,9 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from megavl.models.inputs import IGNORE_INDEX, Microbatch, PAD_DOCUMENT_ID, TEXT_IMAGE_ID
+
+__all__ = ["IGNORE_INDEX", "ImagePatches", "Sample", "collate_rows", "mrope_position_ids", "pack_row"]
 
 
 @dataclass
@@ -91,8 +93,8 @@ def pack_row(
     row = {
         "tokens": torch.full((seq_length,), pad_token_id, dtype=torch.long),
         "labels": torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long),
-        "document_ids": torch.full((seq_length,), -1, dtype=torch.long),
-        "image_ids": torch.full((seq_length,), -1, dtype=torch.long),
+        "document_ids": torch.full((seq_length,), PAD_DOCUMENT_ID, dtype=torch.long),
+        "image_ids": torch.full((seq_length,), TEXT_IMAGE_ID, dtype=torch.long),
         "turn_ids": torch.zeros(seq_length, dtype=torch.long),
         "position_ids": torch.zeros(3, seq_length, dtype=torch.long),
         "images": [],
@@ -119,8 +121,8 @@ def pack_row(
     return row
 
 
-def collate_rows(rows: Sequence[dict]) -> dict:
-    """Stacks packed rows into a microbatch; images are concatenated in token order."""
+def collate_rows(rows: Sequence[dict]) -> Microbatch:
+    """Stacks packed rows into a microbatch (megavl/models/inputs.py); images are concatenated in token order."""
     images = [image for row in rows for image in row["images"]]
     labels = torch.stack([r["labels"] for r in rows])
     batch = {

@@ -36,7 +36,8 @@ def fixed_batch_logits(config, model):
 
     from megavl.data.random_samples import random_batches
     from megavl.platform.features import detect
-    from megavl.training.step import attention_mask_for, model_inputs
+    from megavl.models.inputs import attention_mask_for
+    from megavl.models.inputs import to_device as model_inputs
 
     batch = random_batches(config, 1, seed=12345)[0]
     collected = []
