@@ -58,28 +58,18 @@ def dry_run(config, world_size: int) -> None:
 
 
 def train(config) -> None:
-    from megavl.data.distribute import StepBatches
-    from megavl.data.energon_stream import EnergonDataStream
-    from megavl.data.resolution import MaxPixelSchedule
     from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
     from megavl.models.build import build_model, wrap_for_training
-    from megavl.models.moe import RouterStatistics
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect
-    from megavl.training import moe_metrics
-    from megavl.training.checkpoint import (
-        TrainState,
-        iteration_dir,
-        latest_checkpoint,
-        load_checkpoint,
-        load_model_weights,
-        save_checkpoint,
-    )
-    from megavl.training.metrics import MetricsWriter
+    from megavl.training.checkpointer import Checkpointer
+    from megavl.training.metrics import MetricsWriter, real_tokens, step_metrics
+    from megavl.training.moe_metrics import expert_load_image, router_statistics
     from megavl.training.optimizer import build_optimizer, build_scheduler
     from megavl.training.step import evaluate, num_microbatches, train_step
 
-    # 1. Processes, parallel groups and seeds (validates the config first).
+    # 1. Processes, parallel groups and seeds (validates the config first); values
+    #    left to the run (the image back end) are resolved once, into a new config.
     layout = init_distributed(config)
     set_seed(config.train.seed)
     is_logger = layout.rank == 0
@@ -89,6 +79,7 @@ def train(config) -> None:
     metrics = MetricsWriter(config.logging.dir, config.train.steps, enabled=is_logger)
     metrics.message(detect().describe())
     metrics.message(layout.describe())
+    config = _with_image_backend_chosen(config, metrics)
 
     # 2. Model, optimizer and schedule.
     model = build_model(config)
@@ -100,116 +91,92 @@ def train(config) -> None:
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer_matches_model(tokenizer, config)
     microbatches = num_microbatches(config, layout.data)
-    _choose_image_backend(config, metrics)
-    pixel_cap = _max_pixel_cap(config, MaxPixelSchedule)
-    train_data = StepBatches(
-        lambda rank, world: EnergonDataStream(config.data.train_path, tokenizer, config, rank, world,
-                                              config.train.seed, max_pixels=pixel_cap(0)),
-        microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
-        balance=config.data.balance_vision_tokens, group=_data_parallel_group(),
-    )
+    pixel_cap = _max_pixel_cap(config)
+    train_data = _step_batches(config, tokenizer, layout, microbatches, max_pixels=pixel_cap(0))
 
-    # 4. Resume.
-    state = TrainState()
-    if config.checkpoint.load:
-        state = load_checkpoint(config.checkpoint.load, model, optimizer, scheduler, train_data)
-        metrics.message(f"resumed from {latest_checkpoint(config.checkpoint.load)} at step {state.step}")
-    elif config.checkpoint.pretrained:
-        fresh = load_model_weights(model, config.checkpoint.pretrained, allow_fresh_adapters=True)
-        metrics.message(f"started from the weights in {config.checkpoint.pretrained}"
-                        + (f" ({len(fresh)} vision-adapter tensors start fresh)" if fresh else ""))
+    # 4. Resume, or start from pretrained weights.
+    checkpointer = Checkpointer(config, model, optimizer, scheduler, train_data, metrics)
+    state = checkpointer.restore()
 
     # 5. Train.
-    is_moe = config.model.lm.moe.num_experts > 0
-    checkpoint_dir, start_step, saved_step = config.checkpoint.dir, state.step, None
     while state.step < config.train.steps:
         started = time.monotonic()
         # A new stage of the max-pixel schedule rebuilds the loader at the same position.
-        train_data.set_max_pixels(pixel_cap(state.step))
+        max_pixels = pixel_cap(state.step)
+        train_data.set_max_pixels(max_pixels)
         batches = train_data.next_step()
-        real_tokens = torch.tensor(sum(int((b["document_ids"] >= 0).sum()) for b in batches))
-        if is_moe:
-            RouterStatistics.start()
-        result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
-        dist.all_reduce(real_tokens, group=_data_parallel_group())
-        moe_stats = moe_metrics.collect(config, microbatches) if is_moe else None
+        with router_statistics(config, microbatches) as router:
+            result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
+        tokens = real_tokens(batches, group=_data_parallel_group())
         state.step += 1
         state.consumed_microbatches += microbatches
         step_time = time.monotonic() - started
-        stats = train_data.stats
-        log_now = state.step % config.logging.interval == 0 or state.step == config.train.steps
-        if log_now:
-            metrics.log_step(state.step, {
-                "loss": result.loss,
-                "lr": result.lr,
-                "grad_norm": result.grad_norm,
-                "answer_tokens": result.answer_tokens,
-                "tokens": int(real_tokens),
-                "tokens_per_s": int(real_tokens) / step_time,
-                "packing_efficiency": stats.packing_efficiency,
-                "skipped_samples": sum(stats.skipped.values()),
-                **{f"skipped/{reason}": n for reason, n in sorted(stats.skipped.items())},
-                **_balance_metrics(train_data.last_balance),
-                **({"max_pixels": pixel_cap(state.step - 1)} if pixel_cap(state.step - 1) else {}),
-                "step_time": step_time,
-                **(moe_metrics.scalars(moe_stats) if moe_stats else {}),
-            })
-        if log_now:
-            _check_data_failures(config, stats)
-        if moe_stats and log_now:
-            metrics.log_record(state.step, {"moe": moe_stats})
-            metrics.log_image("moe/expert_load", moe_metrics.expert_load_image(moe_stats), state.step)
-        if config.data.val_path and state.step % config.train.eval_interval == 0:
-            metrics.log_eval(state.step, {"loss": evaluate(config, chunks, tokenizer, layout)})
-        if checkpoint_dir and config.checkpoint.interval and state.step % config.checkpoint.interval == 0:
-            save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state, train_data.state_dict())
-            saved_step = state.step
 
-    # 6. Final checkpoint (unless the interval just wrote it) and where everything is.
-    if checkpoint_dir and state.step > start_step:
-        if saved_step != state.step:
-            save_checkpoint(checkpoint_dir, config, model, optimizer, scheduler, state, train_data.state_dict())
-        metrics.message(f"checkpoint: {os.path.abspath(iteration_dir(checkpoint_dir, state.step))}")
+        if state.step % config.logging.interval == 0 or state.step == config.train.steps:
+            metrics.log_step(state.step, step_metrics(result, tokens, step_time, train_data.stats,
+                                                      train_data.last_balance, max_pixels, router.scalars()))
+            if router.stats:
+                metrics.log_record(state.step, {"moe": router.stats})
+                metrics.log_image("moe/expert_load", expert_load_image(router.stats), state.step)
+            _check_data_failures(config, train_data.stats)
+        if config.data.val_path and state.step % config.train.eval_interval == 0:
+            val_data = _step_batches(config, tokenizer, layout, microbatches, split="val")
+            metrics.log_eval(state.step, {"loss": evaluate(config, chunks, val_data, microbatches)})
+        checkpointer.save(state)
+
+    # 6. The final checkpoint (unless the interval just wrote it) and where everything is.
+    checkpointer.save(state, last=True)
     metrics.message(f"logs: {os.path.abspath(config.logging.dir)} (metrics.jsonl, tensorboard/)")
     train_data.close()
     metrics.close()
     shutdown()
 
 
-def _choose_image_backend(config, metrics) -> None:
+def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "train", max_pixels=None):
+    """The training stream (balanced across DP ranks when configured), or a fresh validation stream."""
+    from megavl.data.distribute import StepBatches
+    from megavl.data.energon_stream import EnergonDataStream
+
+    training = split == "train"
+    path = config.data.train_path if training else config.data.val_path
+    return StepBatches(
+        lambda rank, world: EnergonDataStream(path, tokenizer, config, rank, world, config.train.seed,
+                                              split=split, max_pixels=max_pixels),
+        microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
+        balance=training and config.data.balance_vision_tokens, group=_data_parallel_group() if training else None,
+    )
+
+
+def _with_image_backend_chosen(config, metrics):
     """Resolves data.image_backend = auto once per run, on rank 0, for every process and
     worker: a per-process timing could pick differently and give ranks different pixels.
     A resumed run keeps the choice its checkpoint records, so it continues bit for bit."""
+    from megavl.config import replace_field
     from megavl.data.image_backends import resolve_image_backend
     from megavl.training.checkpoint import stored_config
 
     if config.data.image_backend != "auto":
-        return
+        return config
     choice = [None]
     if dist.get_rank() == 0:
         resumed = stored_config(config.checkpoint.load) if config.checkpoint.load else None
         previous = resumed["data"]["image_backend"] if resumed else None
         choice = [resolve_image_backend("auto", previous)]
     dist.broadcast_object_list(choice, src=0)
-    config.data.image_backend = choice[0]
     metrics.message(f"image back end: {choice[0]} (data.image_backend = auto)")
+    return replace_field(config, "data.image_backend", choice[0])
 
 
-def _max_pixel_cap(config, schedule_class):
+def _max_pixel_cap(config):
     """step -> the native-resolution max-pixel cap for that step (None: no schedule)."""
+    from megavl.data.resolution import MaxPixelSchedule
+
     d, v = config.data, config.model.vision
     if not d.max_pixels_schedule.start_max_pixels:
         return lambda step: None
-    schedule = schedule_class(d.max_pixels_schedule, d.resolution.max_pixels, config.train.steps,
-                              v.patch_size * v.spatial_merge_size)
+    schedule = MaxPixelSchedule(d.max_pixels_schedule, d.resolution.max_pixels, config.train.steps,
+                                v.patch_size * v.spatial_merge_size)
     return lambda step: schedule.max_pixels(max(step, 0))
-
-
-def _balance_metrics(balance) -> dict:
-    if balance is None:
-        return {}
-    return {"vision_imbalance": balance.imbalance_after, "vision_imbalance_unbalanced": balance.imbalance_before,
-            "balance_moved_fraction": balance.moved_fraction}
 
 
 def _check_data_failures(config, stats) -> None:

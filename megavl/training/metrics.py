@@ -1,4 +1,5 @@
-"""Where training numbers go: TensorBoard events, metrics.jsonl and one console line per step.
+"""Training numbers: what one step reports, and where it goes (TensorBoard events,
+metrics.jsonl and one console line per step).
 
 Only one rank writes (the caller decides which); the others get a writer that
 does nothing, so the training loop needs no rank checks.
@@ -12,6 +13,42 @@ import os
 import sys
 import time
 from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megavl.models.inputs import PAD_DOCUMENT_ID
+
+
+def real_tokens(batches: list[dict], group) -> int:
+    """Non-padding tokens of the whole step: this rank's microbatches, summed over the DP group."""
+    count = torch.tensor(sum(int((b["document_ids"] != PAD_DOCUMENT_ID).sum()) for b in batches))
+    dist.all_reduce(count, group=group)
+    return int(count)
+
+
+def step_metrics(result, tokens: int, step_time: float, data_stats, balance, max_pixels: Optional[int],
+                 moe_scalars: Optional[dict]) -> dict:
+    """The scalars one training step logs (console, metrics.jsonl, TensorBoard)."""
+    metrics = {
+        "loss": result.loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "answer_tokens": result.answer_tokens,
+        "tokens": tokens,
+        "tokens_per_s": tokens / step_time,
+        "packing_efficiency": data_stats.packing_efficiency,
+        "skipped_samples": sum(data_stats.skipped.values()),
+    }
+    metrics.update({f"skipped/{reason}": n for reason, n in sorted(data_stats.skipped.items())})
+    if balance is not None:
+        metrics.update(vision_imbalance=balance.imbalance_after, vision_imbalance_unbalanced=balance.imbalance_before,
+                       balance_moved_fraction=balance.moved_fraction)
+    if max_pixels:
+        metrics["max_pixels"] = max_pixels
+    metrics["step_time"] = step_time
+    metrics.update(moe_scalars or {})
+    return metrics
 
 
 def format_duration(seconds: float) -> str:

@@ -5,11 +5,16 @@
 * expert load per layer, separately for text and vision tokens, and router
   entropy, from ``megavl.models.moe.RouterStatistics``.
 
-Every rank must call ``collect`` (it runs collectives); only the logging rank
-uses the result. Reductions use SUM only, which every back end (gloo too) has.
+Every rank runs the step inside ``router_statistics`` (leaving it runs
+collectives); only the logging rank uses the result. Reductions use SUM only,
+which every back end (gloo too) has.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -71,11 +76,32 @@ def _router_statistics(config: Config, local: dict) -> dict:
     }
 
 
-def collect(config: Config, microbatches: int) -> dict:
-    """Call after a training step during which RouterStatistics was collecting."""
-    stats = _router_statistics(config, RouterStatistics.stop())
-    stats["router_losses"] = _router_losses(microbatches)
-    return stats
+@dataclass
+class StepRouterStats:
+    """Filled when the ``router_statistics`` block ends; None for a dense LM."""
+
+    stats: Optional[dict] = None
+
+    def scalars(self) -> dict[str, float]:
+        return scalars(self.stats) if self.stats else {}
+
+
+@contextmanager
+def router_statistics(config: Config, microbatches: int) -> Iterator[StepRouterStats]:
+    """Records expert load and router entropy while the block runs one training step,
+    then reduces them (and megatron's router losses) over all ranks."""
+    record = StepRouterStats()
+    if config.model.lm.moe.num_experts == 0:
+        yield record
+        return
+    RouterStatistics.start()
+    try:
+        yield record
+    except BaseException:
+        RouterStatistics.stop()  # no collectives: the other ranks may not be here
+        raise
+    record.stats = _router_statistics(config, RouterStatistics.stop())
+    record.stats["router_losses"] = _router_losses(microbatches)
 
 
 def scalars(stats: dict) -> dict[str, float]:

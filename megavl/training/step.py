@@ -17,8 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megavl.attention.mask import materialize, vlm_mask_mod
 from megavl.config import Config
+from megavl.models import inputs as model_inputs
 from megavl.platform.features import detect
 
 
@@ -31,22 +31,6 @@ class StepResult:
     skipped: bool
 
 
-def attention_mask_for(batch: dict, bidirectional_images: bool, backend: str):
-    mask_mod = vlm_mask_mod(
-        batch["document_ids"], batch["image_ids"], batch["turn_ids"], bidirectional_images
-    )
-    b, s = batch["tokens"].shape
-    return materialize(mask_mod, b, s, backend)
-
-
-def model_inputs(batch: dict, config: Config, device: torch.device) -> dict:
-    """Moves a collated batch to the device and shapes position ids for the configured RoPE."""
-    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if config.model.lm.rope == "1d":
-        moved["position_ids"] = moved["position_ids"][0]
-    return moved
-
-
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     mask = loss_mask.to(per_token_loss.dtype)
     loss_sum = (per_token_loss.float() * mask).sum()
@@ -57,19 +41,10 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def make_forward_step(config: Config):
     platform = detect()
-    bidirectional = config.model.lm.image_attention == "bidirectional"
 
     def forward_step(data_iterator: Iterator[dict], model):
-        batch = model_inputs(next(data_iterator), config, platform.device)
-        mask = attention_mask_for(batch, bidirectional, platform.attention_backend)
-        output = model(
-            batch["tokens"],
-            batch["position_ids"],
-            mask,
-            labels=batch["labels"],
-            pixel_values=batch["pixel_values"],
-            image_grid_thw=batch["image_grid_thw"],
-        )
+        batch = model_inputs.to_device(next(data_iterator), config, platform.device)
+        output = model_inputs.forward(model, batch, config, platform)
         return output, partial(_loss_func, batch["loss_mask"])
 
     return forward_step
@@ -133,21 +108,10 @@ def train_step(
     )
 
 
-def evaluate(config: Config, model_chunks: list, tokenizer, layout) -> float:
-    """Mean answer-token loss over the first train.eval_steps steps' worth of validation data.
-
-    The validation stream is rebuilt each time, so every evaluation sees the same samples.
-    """
-    from megavl.data.distribute import StepBatches
-    from megavl.data.energon_stream import EnergonDataStream
-
-    microbatches = num_microbatches(config, layout.data)
-    data = StepBatches(
-        lambda rank, world: EnergonDataStream(
-            config.data.val_path, tokenizer, config, rank, world, config.train.seed, split="val",
-        ),
-        microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
-    )
+def evaluate(config: Config, model_chunks: list, data, microbatches: int) -> float:
+    """Mean answer-token loss over up to train.eval_steps steps of the validation batches ``data``
+    (a StepBatches the caller builds afresh for each evaluation, so every one sees the same
+    samples); closes it."""
     forward_step = make_forward_step(config)
     total_loss, total_tokens = 0.0, 0
     for chunk in model_chunks:
