@@ -49,7 +49,9 @@ def make_images(count: int, seed: int) -> list[tuple[bytes, int, int]]:
 def available_backends(batch_size: int, threads: int):
     import torch
 
-    from megavl.data.image_backends import DaliBackend, PillowBackend, dali_available
+    from megavl.data.dali_backend import DaliBackend
+    from megavl.data.image_backends import dali_available
+    from megavl.data.pillow_backend import PillowBackend
 
     backends = [PillowBackend()]
     if dali_available():

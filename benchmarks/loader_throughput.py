@@ -59,7 +59,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     from megavl.data.image_backends import dali_available
-    from megavl.data.synthetic import generate
+    from megavl.datasets.synthetic import generate
 
     backends = ["pillow"] + (["dali"] if dali_available() else [])
     with tempfile.TemporaryDirectory() as folder:

@@ -15,8 +15,8 @@ import webdataset as wds
 
 from conftest import tiny_tokenizer
 from megavl.config import Config, ConfigError
-from megavl.data.energon_meta import write_energon_metadata
 from megavl.data.energon_stream import DataFailureRateError, EnergonDataStream, check_failure_rates
+from megavl.datasets.energon_meta import write_energon_metadata
 from test_images import image_bytes
 
 SIZES = [(56, 56), (84, 112), (112, 70)]

@@ -14,17 +14,10 @@ from PIL import Image, ImageDraw
 
 from megavl.config import Config, VisionConfig
 from megavl.data import image_backends
-from megavl.data.image_backends import (
-    DaliBackend,
-    ImageBatchError,
-    PillowBackend,
-    check_plan,
-    native_plan,
-    peek_size,
-    sample_jpeg,
-    select_backend,
-    to_patches,
-)
+from megavl.data.dali_backend import DaliBackend
+from megavl.data.image_backends import native_plan, sample_jpeg, select_backend
+from megavl.data.image_rendering import ImageBatchError, check_plan, peek_size, to_patches
+from megavl.data.pillow_backend import PillowBackend
 from megavl.data.images import IMAGE_STD, ImageDecodeError, decode_image, image_to_model_input, smart_resize
 from megavl.data.resolution import ImagePart, ImagePlan
 

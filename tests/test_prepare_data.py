@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_tokenizer
-from megavl.data import prepare as prepare_module
-from megavl.data.prepare import MARKER, PrepareError, prepare
+from megavl.datasets import prepare as prepare_module
+from megavl.datasets.prepare import MARKER, PrepareError, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 ARABIC_QUESTION = "<image>\nما لون المربع في الصورة؟"

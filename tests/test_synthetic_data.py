@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from megavl.data import synthetic
 from megavl.data.tokenizer import load_tokenizer
+from megavl.datasets import synthetic
 
 TRAIN, VAL, PER_SHARD, SEED = 40, 10, 16, 3
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from megavl.data.synthetic import generate
+    from megavl.datasets.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     generate(str(out), train_samples=160, val_samples=24, seed=3, vocab_size=2048, samples_per_shard=40)

@@ -14,7 +14,7 @@ import time
 # Runs from a source checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megavl.data.synthetic import generate  # noqa: E402
+from megavl.datasets.synthetic import generate  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
         --samples-per-shard 500 --split train
 
 Samples that cannot be used are skipped and listed in OUT/report.jsonl with
-the reason; see megavl/data/prepare.py for the formats and the reasons.
+the reason; see megavl/datasets/prepare.py for the formats and the reasons.
 Exit status: 0 when samples were written (even with some skipped), 1 when
 no sample was usable, 2 for unusable arguments or input.
 """
@@ -19,7 +19,7 @@ import sys
 # Runs from a source checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megavl.data.prepare import (  # noqa: E402
+from megavl.datasets.prepare import (  # noqa: E402
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_SAMPLES_PER_SHARD,
     FORMATS,

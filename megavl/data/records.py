@@ -1,6 +1,6 @@
 """One stored record (the members of one WebDataset key) -> a Sample.
 
-A record is ``<key>.json`` (see megavl/data/synthetic.py and tools/prepare_data.py
+A record is ``<key>.json`` (see megavl/datasets/synthetic.py and megavl/datasets/prepare.py
 for the format) plus one image member per ``<image>`` placeholder,
 ``<key>.img0.png``, ``<key>.img1.jpg``, ... It is decoded in two phases: plan
 reads the JSON and only the image headers, sizes every image with the
@@ -33,7 +33,7 @@ import torch
 from megavl.config import Config, ResolutionConfig
 from megavl.data.batch import ImagePatches, Sample
 from megavl.data.conversation import SampleEncoder, count_image_placeholders
-from megavl.data.image_backends import ImageBackend, ImageBatchError, peek_size, to_patches
+from megavl.data.image_rendering import ImageBackend, ImageBatchError, peek_size, to_patches
 from megavl.data.resolution import ImagePart, ImagePlan, plan_image
 
 RECORD_SKIP_REASONS = ("missing_json", "bad_json", "invalid_record", "missing_image", "bad_image")
