@@ -31,7 +31,7 @@ def hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(hf, megatron_world, tmp_path_factory):
-    from megavl.convert.pairing import import_pairing
+    from megavl.convert import import_pairing
 
     out = tmp_path_factory.mktemp("megavl") / "ckpt"
     result = import_pairing(str(hf[0]), str(hf[1]), str(out), verify=True, log=quiet)
@@ -53,7 +53,7 @@ def test_import_reproduces_lm_logits_and_vision_embeddings(imported):
 
 
 def test_tied_embeddings_import(hf, megatron_world, tmp_path):
-    from megavl.convert.pairing import import_pairing
+    from megavl.convert import import_pairing
 
     save_tiny_qwen3_moe(str(tmp_path / "tied"), tie=True)
     result = import_pairing(str(tmp_path / "tied"), str(hf[1]), str(tmp_path / "out"), verify=True, log=quiet)
@@ -64,7 +64,7 @@ def test_tied_embeddings_import(hf, megatron_world, tmp_path):
 def test_lm_round_trip_is_bit_identical_and_loads_in_transformers(hf, imported, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from megavl.convert.pairing import export_language_model, import_pairing
+    from megavl.convert import export_language_model, import_pairing
 
     lm_dir, vision_dir, original = hf
     ckpt, _ = imported
@@ -109,7 +109,7 @@ def _rewrite_lm(src, dst, edit_tensors=None, edit_config=None) -> None:
 
 def test_missing_expert_tensor_is_listed_by_name(hf, megatron_world, tmp_path):
     from megavl.convert import TensorMismatchError
-    from megavl.convert.pairing import import_pairing
+    from megavl.convert import import_pairing
 
     def edit(tensors):
         del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
@@ -127,7 +127,7 @@ def test_missing_expert_tensor_is_listed_by_name(hf, megatron_world, tmp_path):
 ])
 def test_configs_megavl_cannot_reproduce_are_refused(hf, tmp_path, field, value, message):
     from megavl.convert import ConversionError
-    from megavl.convert.pairing import import_pairing
+    from megavl.convert import import_pairing
 
     def edit(data):
         data[field] = value
@@ -144,7 +144,7 @@ def test_unnormalised_top_k_imports_with_verified_logits_and_exports_back(hf, me
     proves the routing."""
     from transformers import Qwen3MoeForCausalLM
 
-    from megavl.convert.pairing import export_language_model, import_pairing
+    from megavl.convert import export_language_model, import_pairing
 
     def edit(data):
         data["norm_topk_prob"] = False

@@ -12,8 +12,9 @@ the vision tower + adapter's image embeddings against the Qwen2.5-VL visual modu
 
 DIR receives a layout-free dist_checkpointing checkpoint (load it under any
 TP/PP layout), megavl_config.yaml (with the intended layout) and the source
-config.json as hf_config.json. Exit status: 0 done, 1 logits differ beyond the
-tolerance, 2 the model or checkpoint cannot be converted.
+config.json as hf_config.json (the --vision-from one as hf_vision_config.json).
+Exit status: 0 done, 1 logits differ beyond the tolerance, 2 the model or
+checkpoint cannot be converted.
 """
 
 import argparse
@@ -24,6 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megavl.convert.cli import add_verification_options
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     parser.add_argument(
@@ -32,11 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="new or empty folder for the megavl checkpoint")
     parser.add_argument("--tensor", type=int, default=1, help="intended tensor-parallel size (checked, recorded)")
     parser.add_argument("--pipeline", type=int, default=1, help="intended pipeline-parallel size (checked, recorded)")
-    parser.add_argument(
-        "--verify", action=argparse.BooleanOptionalAction, default=None,
-        help="compare logits with the Hugging Face model (default: on below 2e9 parameters)",
-    )
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| (fp32)")
+    add_verification_options(parser, "the Hugging Face model")
     return parser.parse_args(argv)
 
 
@@ -44,12 +43,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megavl.convert import import_from_hf
     from megavl.convert.cli import run_conversion
-    from megavl.convert.pairing import import_pairing
 
-    options = dict(tensor=args.tensor, pipeline=args.pipeline, verify=args.verify, tolerance=args.tolerance)
-    if args.vision_from:
-        return run_conversion(lambda: import_pairing(args.hf, args.vision_from, args.out, **options))
-    return run_conversion(lambda: import_from_hf(args.hf, args.out, **options))
+    return run_conversion(lambda: import_from_hf(
+        args.hf, args.out, tensor=args.tensor, pipeline=args.pipeline, vision_from=args.vision_from,
+        verify=args.verify, tolerance=args.tolerance,
+    ))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
 
 DIR is a converted checkpoint (with megavl_config.yaml) or a training
 checkpoint (root with `latest`, or one iter_* folder), saved under any layout.
-The result loads with transformers' from_pretrained. Models that the
-Hugging Face class cannot reproduce (e.g. model.lm.image_attention:
-bidirectional) are refused with the reasons. Exit status: 0 done, 1 logits
-differ beyond the tolerance, 2 the model cannot be exported.
+The result loads with transformers' from_pretrained. A model with features
+Hugging Face's own classes lack (model.lm.image_attention: bidirectional,
+active vision-only LoRA adapters) is exported to megavl's remote-code class
+(MegavlQwen2_5_VLForConditionalGeneration, load it with
+trust_remote_code=True); a model no supported class reproduces is refused
+with every architecture's reasons. Exit status: 0 done, 1 logits differ
+beyond the tolerance, 2 the model cannot be exported.
 
 A model with a Qwen3-MoE language model (imported with --vision-from) exports
 its language model only, as a Qwen3MoeForCausalLM folder verified on text:
@@ -23,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megavl.convert.cli import add_verification_options
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="megavl checkpoint folder")
     parser.add_argument("--out", required=True, help="new or empty folder for the Hugging Face model")
@@ -33,11 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write only the LM, as Qwen3MoeForCausalLM (no vision tower or adapter)",
     )
     parser.add_argument("--architecture", help="Hugging Face architecture name (default: the one that fits)")
-    parser.add_argument(
-        "--verify", action=argparse.BooleanOptionalAction, default=None,
-        help="compare logits with the exported model (default: on below 2e9 parameters)",
-    )
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| (fp32)")
+    add_verification_options(parser, "the exported model")
     return parser.parse_args(argv)
 
 
@@ -45,15 +46,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megavl.convert import export_to_hf
     from megavl.convert.cli import run_conversion
-    from megavl.convert.pairing import export_language_model
 
-    if args.language_model_only:
-        return run_conversion(lambda: export_language_model(
-            args.load, args.out, max_shard_size=args.max_shard_size, verify=args.verify, tolerance=args.tolerance,
-        ))
     return run_conversion(lambda: export_to_hf(
         args.load, args.out, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-        architecture=args.architecture, verify=args.verify, tolerance=args.tolerance,
+        architecture=args.architecture, language_model_only=args.language_model_only,
+        verify=args.verify, tolerance=args.tolerance,
     ))
 
 

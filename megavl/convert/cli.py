@@ -1,11 +1,25 @@
-"""What the two conversion tools share: process-group ownership, errors and exit codes."""
+"""What the two conversion tools share: the verification options, process-group
+ownership, errors and exit codes."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
 EXIT_OK, EXIT_LOGITS_DIFFER, EXIT_CANNOT_CONVERT = 0, 1, 2
+
+
+def add_verification_options(parser: argparse.ArgumentParser, against: str) -> None:
+    """--verify / --no-verify and --tolerance; against names the model compared with."""
+    from megavl.convert.verify import AUTO_VERIFY_MAX_PARAMS, DEFAULT_TOLERANCE
+
+    parser.add_argument(
+        "--verify", action=argparse.BooleanOptionalAction, default=None,
+        help=f"compare logits with {against} (default: on below {AUTO_VERIFY_MAX_PARAMS / 1e9:g}e9 parameters)",
+    )
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="largest allowed |logit difference| (fp32)")
 
 
 def run_conversion(convert: Callable[[], object]) -> int:

@@ -9,6 +9,7 @@ Writing buffers at most one shard.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Callable, Optional
@@ -18,11 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megavl.convert.errors import ConversionError
-
-CONFIG_NAME = "config.json"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+from megavl.convert.files import CONFIG_NAME, INDEX_FILE, PREPROCESSOR_NAME, SINGLE_FILE
 
 
 def read_json(path: str) -> dict:
@@ -129,13 +126,7 @@ class SafetensorsCheckpoint:
         return name in self._stored
 
     def num_parameters(self) -> int:
-        total = 0
-        for shape in self._shapes.values():
-            count = 1
-            for d in shape:
-                count *= d
-            total += count
-        return total
+        return sum(math.prod(shape) for shape in self._shapes.values())
 
     def get(self, name: str) -> torch.Tensor:
         file, stored = self._stored[name]

@@ -1,44 +1,31 @@
-"""Hugging Face folder -> megavl checkpoint (dist_checkpointing) + megavl_config.yaml.
+"""Hugging Face folder(s) -> megavl checkpoint (dist_checkpointing) + megavl_config.yaml.
 
-The megavl model is built whole in one process and the Hugging Face tensors
-are streamed into it one mapping at a time, so at most one layer's worth of
+One flow for every architecture description (megavl.convert.registry). The
+megavl model is built whole in one process and the Hugging Face tensors are
+streamed into it one mapping at a time, so at most one layer's worth of
 Hugging Face tensors is in memory beside the model. The checkpoint is
 layout-free: megatron reshards it to the TP/PP layout that loads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from megavl.config import Config, ConfigError, dump_config, validate
+from megavl.convert import sources as hf_sources
 from megavl.convert.errors import ConversionError, TensorMismatchError
-from megavl.convert.hf_io import (
-    CONFIG_NAME,
-    SafetensorsCheckpoint,
-    check_new_folder,
-    read_hf_config,
-    read_preprocessor_config,
-)
+from megavl.convert.files import CONFIG_FILE, CONFIG_NAME
+from megavl.convert.hf_io import check_new_folder, read_hf_config
 from megavl.convert.mapping import BoundMapping, MappingTable
-from megavl.convert.megavl_model import CONFIG_FILE, build_single_process_model, model_tensors
+from megavl.convert.megavl_model import build_single_process_model, model_tensors
 from megavl.convert.registry import architecture_for_hf
-from megavl.convert.verify import (
-    AUTO_VERIFY_MAX_PARAMS,
-    DEFAULT_TOLERANCE,
-    VerifyResult,
-    reserved_token_ids,
-    verify_conversion,
-)
-
-# The imported config.json, kept beside the checkpoint: the exporter takes the
-# fields megavl does not model (e.g. video token ids) from it.
-SOURCE_HF_CONFIG = "hf_config.json"
+from megavl.convert.verify import DEFAULT_TOLERANCE, VerifyResult, wants_verification
 
 
 @dataclass
@@ -51,19 +38,24 @@ class ImportResult:
     verification: Optional[VerifyResult] = None
 
 
-def check_layout(config: Config, tensor: int, pipeline: int) -> None:
-    config.parallel.tensor = tensor
-    config.parallel.pipeline = pipeline
+def with_layout(config: Config, tensor: int, pipeline: int) -> Config:
+    """A copy of config recording the intended layout, after checking the model splits into it.
+
+    A copy, so the config the description built is never changed under a caller.
+    """
+    resolved = dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, tensor=tensor, pipeline=pipeline)
+    )
     try:
-        validate(config, world_size=tensor * pipeline)
+        validate(resolved, world_size=tensor * pipeline)
     except ConfigError as e:
         raise ConversionError(
             f"the model cannot be split into --tensor {tensor} --pipeline {pipeline}: {e}"
         ) from e
+    return resolved
 
 
-def plan_import(table: MappingTable, megavl: dict[str, torch.Tensor],
-                checkpoint: SafetensorsCheckpoint, where: str) -> list[BoundMapping]:
+def plan_import(table: MappingTable, megavl: dict[str, torch.Tensor], checkpoint, where: str) -> list[BoundMapping]:
     """The mappings to apply, after checking every tensor's presence and shape (all problems at once)."""
     plan = table.bind(megavl)
     wanted = {name for bound in plan for name in bound.hf}
@@ -83,7 +75,7 @@ def plan_import(table: MappingTable, megavl: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def write_converted_checkpoint(
-    config: Config, table, checkpoint, where: str, out_dir: str, header: list[str]
+    config: Config, table: MappingTable, checkpoint, where: str, out_dir: str, header: list[str]
 ) -> int:
     """Builds the megavl model, streams the mapped HF tensors into it, and writes the
     weights and the commented YAML config to out_dir. Returns the number of tensors."""
@@ -115,46 +107,51 @@ def import_from_hf(
     out_dir: str,
     tensor: int = 1,
     pipeline: int = 1,
+    vision_from: Optional[str] = None,
     verify: Optional[bool] = None,
     tolerance: float = DEFAULT_TOLERANCE,
     log: Callable[[str], None] = print,
 ) -> ImportResult:
     """Converts the Hugging Face model in hf_dir into a megavl checkpoint in out_dir.
 
-    verify=None verifies models under 2e9 parameters; the result's verification
-    says whether the logits agree (callers decide what a failure means). Raises
-    ConversionError for anything that prevents the conversion.
+    vision_from: for a language model without a vision tower (e.g. Qwen3-MoE), the
+    folder whose vision tower and adapter complete it. verify=None verifies models
+    under 2e9 parameters; the result's verification says whether the outputs agree
+    (callers decide what a failure means). Raises ConversionError for anything that
+    prevents the conversion.
     """
     hf_json = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_json, os.path.join(hf_dir, CONFIG_NAME))
-    try:
-        hf_config = arch.config_class().from_dict(hf_json)
-    except Exception as e:  # transformers' own validation, whatever it raises
-        raise ConversionError(f"{os.path.join(hf_dir, CONFIG_NAME)}: transformers rejects it: {e}") from e
-    config, notes = arch.megavl_config(hf_config, read_preprocessor_config(hf_dir))
-    check_layout(config, tensor, pipeline)
+    sources = hf_sources.open_sources(arch, hf_dir, hf_json, vision_from)
+    config, notes = arch.megavl_config([s.hf_config for s in sources], hf_sources.vision_preprocessor(sources))
+    config = with_layout(config, tensor, pipeline)
     check_new_folder(out_dir, "--out")
 
-    checkpoint = SafetensorsCheckpoint(hf_dir, rename=arch.canonical_hf_name)
+    checkpoint = hf_sources.SourceTensors(sources)
     num_parameters = checkpoint.num_parameters()
-    log(f"import: {arch.name} from {hf_dir}: {num_parameters / 1e6:.1f}M parameters")
+    companions = "".join(f" with the vision tower of {s.folder}" for s in sources[1:])
+    log(f"import: {arch.name} from {hf_dir}{companions}: {num_parameters / 1e6:.1f}M parameters")
     for note in notes:
         log(f"  note: {note}")
 
     written = write_converted_checkpoint(
-        config, arch.table(config), checkpoint, f"Hugging Face checkpoint {hf_dir}", out_dir,
-        header=[f"Converted from {arch.name} ({os.path.abspath(hf_dir)})."],
+        config, arch.table(config), checkpoint, hf_sources.describe(sources), out_dir,
+        header=hf_sources.provenance(sources),
     )
-    shutil.copyfile(os.path.join(hf_dir, CONFIG_NAME), os.path.join(out_dir, SOURCE_HF_CONFIG))
+    hf_sources.keep_configs(sources, out_dir)
     log(f"import: wrote {written} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline}) "
         f"and {CONFIG_FILE}")
 
     result = ImportResult(arch.name, config, out_dir, num_parameters, notes)
-    if verify is None:
-        verify = num_parameters < AUTO_VERIFY_MAX_PARAMS
-    if verify:
-        result.verification = verify_conversion(
-            hf_dir, config, arch, out_dir, reserved=reserved_token_ids(hf_json), tolerance=tolerance
+    if wants_verification(verify, num_parameters):
+        result.verification = arch.verify(
+            [s.folder for s in sources], config, out_dir, reserved=hf_sources.reserved_ids(sources),
+            tolerance=tolerance,
         )
         log(result.verification.describe())
     return result
+
+
+def import_pairing(lm_dir: str, vision_dir: str, out_dir: str, **options) -> ImportResult:
+    """import_from_hf of a language model (lm_dir) with the vision tower of vision_dir."""
+    return import_from_hf(lm_dir, out_dir, vision_from=vision_dir, **options)

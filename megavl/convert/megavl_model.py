@@ -15,8 +15,10 @@ import torch
 
 from megavl.config import Config, ConfigError, ParallelConfig, config_from_dict, load_config
 from megavl.convert.errors import ConversionError
+from megavl.convert.files import CONFIG_FILE
 
-CONFIG_FILE = "megavl_config.yaml"
+# The language model's tensors: what an export of the language model alone writes.
+LM_PREFIX = "language_model."
 
 # The Transformer Engine spec fuses the layer norms into the following linear, and
 # its state_dict names them after it. The mapping tables use the local spec's
@@ -68,13 +70,16 @@ def canonical_name(key: str) -> str:
     return key
 
 
-def model_tensors(model) -> dict[str, torch.Tensor]:
-    """Every weight of model by its local-spec state_dict name (TE's extra state left out)."""
+def model_tensors(model, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every weight of model (those under prefix) by its local-spec state_dict name
+    (TE's extra state left out)."""
     tensors = {}
     for key, value in model.state_dict(keep_vars=True).items():
         if key.endswith("_extra_state") or not torch.is_tensor(value):
             continue
-        tensors[canonical_name(key)] = value
+        name = canonical_name(key)
+        if name.startswith(prefix):
+            tensors[name] = value
     return tensors
 
 

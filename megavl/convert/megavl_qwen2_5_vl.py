@@ -11,14 +11,13 @@ exported to the standard Qwen2.5-VL class instead (the registry tries it first).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from megavl.config import Config
-from megavl.convert import qwen_common as common
+from megavl.convert import qwen_lm
+from megavl.convert.files import REMOTE_DIR, REMOTE_FILES
 from megavl.convert.qwen2_5_vl import Qwen2_5_VL
 
-REMOTE_DIR = os.path.join(os.path.dirname(__file__), "remote")
-REMOTE_FILES = ("configuration_megavl.py", "modeling_megavl.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_megavl.MegavlQwen2_5_VLConfig",
     "AutoModelForImageTextToText": "modeling_megavl.MegavlQwen2_5_VLForConditionalGeneration",
@@ -52,6 +51,7 @@ class MegavlQwen2_5_VL(Qwen2_5_VL):
     model_type = "megavl_qwen2_5_vl"
     megavl_features = True
     hf_aliases = ()
+    vision_prefix = "model.visual."
 
     def table(self, config: Config):
         table = super().table(config)
@@ -71,15 +71,16 @@ class MegavlQwen2_5_VL(Qwen2_5_VL):
     def remote_code_files(self) -> list[str]:
         return [os.path.join(REMOTE_DIR, name) for name in REMOTE_FILES]
 
-    def megavl_config(self, hf_config, preprocessor: Optional[dict]) -> tuple[Config, list[str]]:
-        config, notes = super().megavl_config(hf_config, preprocessor)
+    def megavl_config(self, hf_configs: Sequence, preprocessor: Optional[dict]) -> tuple[Config, list[str]]:
+        config, notes = super().megavl_config(hf_configs, preprocessor)
+        (hf_config,) = hf_configs
         lm = config.model.lm
         lm.image_attention = hf_config.image_attention
         lora = hf_config.vision_lora
         lm.vision_lora.mlp_rank, lm.vision_lora.attn_rank = lora["mlp_rank"], lora["attn_rank"]
         lm.vision_lora.alpha = float(lora["alpha"])
         lm.vision_lora.enabled = True
-        return config, [n for n in notes if n not in (common.CAUSAL_NOTE, common.LORA_NOTE)]
+        return config, [n for n in notes if n not in (qwen_lm.CAUSAL_NOTE, qwen_lm.LORA_NOTE)]
 
     def hf_config(self, config: Config, token_ids: dict, base: Optional[dict]):
         hf = super().hf_config(config, token_ids, base)

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megavl.config import Config
 from megavl.convert.architecture import Architecture
-from megavl.convert import qwen3_moe
 from megavl.convert.errors import ConversionError, UnsupportedArchitectureError, UnsupportedModelError
 from megavl.convert.megavl_qwen2_5_vl import MegavlQwen2_5_VL
+from megavl.convert.pairing import Qwen3MoeWithQwen2_5_VLVision
 from megavl.convert.qwen2_5_vl import Qwen2_5_VL
 from megavl.convert.qwen2_vl import Qwen2_VL
 
 # Export tries them in this order: the standard classes first, megavl's
 # remote-code class only for models with features the standard ones lack.
+# Language-model-only architectures are tried only for a language-model-only export.
 ARCHITECTURES: dict[str, Architecture] = {
-    arch.name: arch for arch in (Qwen2_5_VL(), Qwen2_VL(), MegavlQwen2_5_VL())
+    arch.name: arch
+    for arch in (Qwen2_5_VL(), Qwen2_VL(), MegavlQwen2_5_VL(), Qwen3MoeWithQwen2_5_VLVision())
 }
-
-# Language models without a vision tower: they import only paired with the vision
-# tower of another checkpoint (megavl.convert.pairing), named by --vision-from.
-LANGUAGE_MODELS: dict[str, str] = {qwen3_moe.NAME: "Qwen2_5_VLForConditionalGeneration"}
 
 
 def architecture_for_hf(hf_config: dict, where: str) -> Architecture:
@@ -29,34 +29,32 @@ def architecture_for_hf(hf_config: dict, where: str) -> Architecture:
     for name in found:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
-    for name in found:
-        if name in LANGUAGE_MODELS:
-            raise ConversionError(
-                f"{where}: {name} is a language model without a vision tower; import it together with a "
-                f"{LANGUAGE_MODELS[name]} folder for the vision tower and adapter "
-                f"(tools/convert_from_hf.py --hf LM_DIR --vision-from VISION_DIR)"
-            )
     raise UnsupportedArchitectureError(found, list(ARCHITECTURES), where)
 
 
-def architecture_for_megavl(config: Config, name: str | None = None) -> Architecture:
-    """The architecture that reproduces config's model (or the one asked for by name).
+def architecture_for_megavl(config: Config, name: Optional[str] = None,
+                            language_model_only: bool = False) -> Architecture:
+    """The architecture that reproduces config's model (or the one asked for by name);
+    language_model_only: one that writes the language model alone.
 
     Raises UnsupportedModelError with every architecture's reasons when none can.
     """
     if name is not None:
         if name not in ARCHITECTURES:
             raise UnsupportedArchitectureError([name], list(ARCHITECTURES), "--architecture")
+        if language_model_only and not ARCHITECTURES[name].language_model_only:
+            raise ConversionError(f"--architecture {name} holds the whole model, not the language model alone")
         candidates = [ARCHITECTURES[name]]
     else:
-        candidates = list(ARCHITECTURES.values())
+        candidates = [a for a in ARCHITECTURES.values() if a.language_model_only == language_model_only]
     reasons = {}
     for arch in candidates:
         problems = arch.export_problems(config)
         if not problems:
             return arch
         reasons[arch.name] = problems
+    what = "language model" if language_model_only else "model"
     lines = [f"{arch}:\n" + "\n".join(f"    - {p}" for p in problems) for arch, problems in reasons.items()]
     raise UnsupportedModelError(
-        "no supported Hugging Face architecture reproduces this megavl model:\n  " + "\n  ".join(lines)
+        f"no supported Hugging Face architecture reproduces this megavl {what}:\n  " + "\n  ".join(lines)
     )

@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from megavl.config import Config
-from megavl.data.batch import IGNORE_INDEX, Sample, collate_rows, pack_row
+from megavl.data.batch import Sample, collate_rows, pack_row
 from megavl.data.images import image_to_model_input
+from megavl.models.inputs import IGNORE_INDEX
 
 DEFAULT_TOLERANCE = 1e-4
 # Models below this size are verified unless the user says otherwise.
 AUTO_VERIFY_MAX_PARAMS = 2_000_000_000
+
+
+def wants_verification(verify: Optional[bool], num_parameters: int) -> bool:
+    """verify=None (the default) verifies models below AUTO_VERIFY_MAX_PARAMS, which load
+    twice over quickly; larger ones only when asked."""
+    return num_parameters < AUTO_VERIFY_MAX_PARAMS if verify is None else verify
 
 
 @dataclass
@@ -69,17 +76,26 @@ def verification_images(config: Config) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
-def verification_batch(config: Config, reserved: Iterable[int] = ()) -> dict:
-    """Text, image, text, image, text as one packed row (no padding)."""
+def random_text(config: Config, reserved: Iterable[int] = ()):
+    """text(n): n random token ids, never a special token (reserved, the image token),
+    the same sequence on every call of random_text."""
     lm = config.model.lm
-    merge = config.model.vision.spatial_merge_size
-    images = [image_to_model_input(image, config) for image in verification_images(config)]
     excluded = set(reserved) | {lm.image_token_id}
     allowed = torch.tensor([i for i in range(lm.vocab_size) if i not in excluded])
     generator = torch.Generator().manual_seed(0)
 
     def text(n: int) -> list[int]:
         return allowed[torch.randint(len(allowed), (n,), generator=generator)].tolist()
+
+    return text
+
+
+def verification_batch(config: Config, reserved: Iterable[int] = ()) -> dict:
+    """Text, image, text, image, text as one packed row (no padding)."""
+    lm = config.model.lm
+    merge = config.model.vision.spatial_merge_size
+    images = [image_to_model_input(image, config) for image in verification_images(config)]
+    text = random_text(config, reserved)
 
     def pads(image) -> list[int]:
         return [lm.image_token_id] * image.num_tokens(merge)
@@ -93,18 +109,13 @@ def verification_batch(config: Config, reserved: Iterable[int] = ()) -> dict:
 @torch.no_grad()
 def megavl_logits(model, config: Config, batch: dict) -> torch.Tensor:
     """[batch, seq, vocab] logits, gathered over tensor-parallel ranks (last pipeline stage only)."""
+    from megavl.models import inputs as model_inputs
     from megavl.platform.features import detect
-    from megavl.training.step import attention_mask_for, model_inputs
 
     platform = detect()
-    inputs = model_inputs(batch, config, platform.device)
-    bidirectional = config.model.lm.image_attention == "bidirectional"
-    mask = attention_mask_for(inputs, bidirectional, platform.attention_backend)
     model.eval()
-    logits = model(
-        inputs["tokens"], inputs["position_ids"], mask,
-        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], gather_logits=True,
-    )
+    logits = model_inputs.forward(model, model_inputs.to_device(batch, config, platform.device), config, platform,
+                                  with_labels=False, gather_logits=True)
     return logits.float().cpu()
 
 
@@ -144,6 +155,20 @@ def compare(megavl: torch.Tensor, hf: torch.Tensor, megavl_positions: torch.Tens
     )
 
 
+def load_megavl_for_verification(config: Config, megavl_dir: str):
+    """The whole megavl model with the weights of megavl_dir."""
+    from megavl.convert.megavl_model import build_single_process_model
+    from megavl.training.checkpoint import load_model_weights
+
+    model = build_single_process_model(config)
+    # A tensor the checkpoint failed to restore would stay NaN and show in the outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    load_model_weights(model, megavl_dir)
+    return model
+
+
 def verify_conversion(
     hf_dir: str,
     config: Config,
@@ -154,17 +179,11 @@ def verify_conversion(
 ) -> VerifyResult:
     """Logits of the megavl checkpoint in megavl_dir against the Hugging Face model in
     hf_dir, both in fp32, on verification_batch."""
-    from megavl.convert.megavl_model import build_single_process_model, single_process_config
-    from megavl.training.checkpoint import load_model_weights
+    from megavl.convert.megavl_model import single_process_config
 
     fp32 = single_process_config(config, dtype="fp32")
     batch = verification_batch(fp32, reserved)
-    megavl_model = build_single_process_model(fp32)
-    # A tensor the checkpoint failed to restore would stay NaN and show in the logits.
-    with torch.no_grad():
-        for p in megavl_model.parameters():
-            p.fill_(float("nan"))
-    load_model_weights(megavl_model, megavl_dir)
+    megavl_model = load_megavl_for_verification(fp32, megavl_dir)
     ours = megavl_logits(megavl_model, fp32, batch)
     del megavl_model
     gc.collect()

@@ -16,8 +16,15 @@ from typing import Iterable, Optional
 import torch
 
 from megavl.config import Config
-from megavl.convert.verify import DEFAULT_TOLERANCE, megavl_logits, verification_images
-from megavl.data.batch import IGNORE_INDEX, Sample, collate_rows, pack_row
+from megavl.convert.verify import (
+    DEFAULT_TOLERANCE,
+    load_megavl_for_verification,
+    megavl_logits,
+    random_text,
+    verification_images,
+)
+from megavl.data.batch import Sample, collate_rows, pack_row
+from megavl.models.inputs import IGNORE_INDEX
 
 TEXT_TOKENS = 24
 
@@ -50,10 +57,7 @@ class PairVerifyResult:
 def text_batch(config: Config, reserved: Iterable[int] = ()) -> dict:
     """One row of random text tokens (no special tokens), as megavl's loader collates it."""
     lm = config.model.lm
-    excluded = set(reserved) | {lm.image_token_id}
-    allowed = torch.tensor([i for i in range(lm.vocab_size) if i not in excluded])
-    generator = torch.Generator().manual_seed(0)
-    tokens = allowed[torch.randint(len(allowed), (TEXT_TOKENS,), generator=generator)].tolist()
+    tokens = random_text(config, reserved)(TEXT_TOKENS)
     n = len(tokens)
     sample = Sample(tokens=tokens, labels=[IGNORE_INDEX] * n, turn_ids=[0] * n, images=[], key="verify")
     return collate_rows([pack_row([sample], n, lm.image_token_id, config.model.vision.spatial_merge_size)])
@@ -85,19 +89,6 @@ def hf_image_embeddings(hf_vl_model, pixel_values: torch.Tensor, grid_thw: torch
     return hf_vl_model.model.visual(pixel_values, grid_thw=grid_thw).pooler_output.float()
 
 
-def _load_megavl(config: Config, megavl_dir: str):
-    from megavl.convert.megavl_model import build_single_process_model
-    from megavl.training.checkpoint import load_model_weights
-
-    model = build_single_process_model(config)
-    # A tensor the checkpoint failed to restore would stay NaN and show in the outputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    load_model_weights(model, megavl_dir)
-    return model
-
-
 def _max_diff(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
     if ours.shape != theirs.shape:
         raise ValueError(f"{what} shapes differ: megavl {tuple(ours.shape)}, Hugging Face {tuple(theirs.shape)}")
@@ -120,7 +111,7 @@ def verify_pairing(
 
     fp32 = single_process_config(config, dtype="fp32")
     batch = text_batch(fp32, reserved)
-    model = _load_megavl(fp32, megavl_dir)
+    model = load_megavl_for_verification(fp32, megavl_dir)
     ours_text = megavl_logits(model, fp32, batch)
     pixels, grids = image_inputs(fp32)
     ours_images = megavl_image_embeddings(model, pixels, grids) if vision_dir else None
@@ -145,8 +136,3 @@ def verify_pairing(
         image_grids=grids.tolist() if vision_dir else [],
     )
 
-
-def verify_language_model(hf_dir: str, config: Config, megavl_dir: str, reserved: Iterable[int] = (),
-                          tolerance: float = DEFAULT_TOLERANCE) -> PairVerifyResult:
-    """Only the LM: text-only logits against the Qwen3MoeForCausalLM in hf_dir."""
-    return verify_pairing(hf_dir, None, config, megavl_dir, reserved, tolerance)
