@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
 def dry_run(config, world_size: int) -> None:
     """Everything here comes from the config: nothing is allocated, no process group is made."""
     from megavl.config import data_parallel_size, dump_config, lm_layers_per_stage, validate
-    from megavl.models.param_count import active_language_model_parameters, parameter_counts
+    from megavl.models.param_count import active_language_model_parameters, total_parameter_counts
 
     validate(config, world_size)
     p = config.parallel
@@ -50,7 +50,7 @@ def dry_run(config, world_size: int) -> None:
     print(f"parallel layout: world={world_size} = TP {p.tensor} x PP {p.pipeline} x "
           f"DP {data_parallel_size(config, world_size)} (EP {p.expert}, SP {p.sequence_parallel})")
     print(f"LM layers per pipeline stage: {lm_layers_per_stage(config)} (vision encoder on stage 0)")
-    counts = parameter_counts(config)
+    counts = total_parameter_counts(config)
     for name, count in counts.items():
         print(f"parameters {name:>15}: {count:>15,d}")
     print(f"parameters {'total':>15}: {sum(counts.values()):>15,d}")

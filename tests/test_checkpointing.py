@@ -75,7 +75,7 @@ def test_missing_checkpoint_is_a_clear_error(trainable, tmp_path):
 def test_parameter_counts_from_config_match_the_built_model(megatron_world, config_name, overrides):
     from megavl.config import load_config
     from megavl.models.build import build_model
-    from megavl.models.param_count import parameter_counts
+    from megavl.models.param_count import total_parameter_counts as parameter_counts
 
     from conftest import ROOT
 

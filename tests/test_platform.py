@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import types
+import warnings
+
+import pytest
 import torch
 
 from megavl.platform import cpu_compat, detect
@@ -26,7 +30,7 @@ def test_cuda_spellings_land_on_the_cpu():
     x = torch.ones(2)
     assert x.cuda() is x
     assert x.to("cuda").device.type == "cpu"
-    assert x.type() == "torch.cuda.FloatTensor"  # what megatron's optimizers check
+    assert x.type() == "torch.FloatTensor"  # only megatron's own type checks see a CUDA name
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
@@ -46,3 +50,37 @@ def test_model_parallel_rng_tracker_forks_the_cpu_generator(megatron_world):
     with get_cuda_rng_tracker().fork():
         inside_again = torch.rand(4)
     assert not torch.equal(inside, inside_again)  # the tracked stream advanced
+
+
+def test_megatron_type_checks_accept_cpu_tensors_there_only():
+    if torch.cuda.is_available():
+        return
+    cpu_compat.apply()
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    # Asserts that the gradient's type() is 'torch.cuda.FloatTensor'; a norm
+    # below max_norm leaves the gradient as it is.
+    optimizer.clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=0.5)
+    assert optimizer.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+    assert torch.equal(param.grad, torch.ones(3)) and param.grad.type() == "torch.FloatTensor"
+
+
+def test_a_missing_patch_target_fails_naming_it():
+    target = types.ModuleType("megatron.core.renamed")
+    with pytest.raises(RuntimeError, match=r"megatron\.core\.renamed has no attribute '_old_name'"):
+        cpu_compat._replace(target, "_old_name", None)
+
+
+def test_only_megatrons_missing_backend_warnings_are_silenced():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import megavl.platform.megatron_warnings as quiet
+
+        quiet.silence_missing_backend_warnings()
+        for message in ("Apex is not installed. Falling back to Torch Norm", "something else"):
+            warnings.warn_explicit(message, UserWarning, "backends.py", 1, module="megatron.core.models.backends")
+        warnings.warn_explicit("Apex is not installed. Falling back to Torch Norm", UserWarning, "x.py", 1,
+                               module="someone.else")
+    assert [str(w.message) for w in caught] == ["something else", "Apex is not installed. Falling back to Torch Norm"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from megavl.config import load_config, validate
-from megavl.models.param_count import active_language_model_parameters, parameter_counts
+from megavl.models.param_count import active_language_model_parameters
+from megavl.models.param_count import total_parameter_counts as parameter_counts
 
 from conftest import ROOT
 

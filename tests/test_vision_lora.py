@@ -10,7 +10,8 @@ import torch
 from megavl.config import load_config
 from megavl.data.batch import collate_rows, pack_row
 from megavl.data.random_samples import random_sample
-from megavl.training.step import attention_mask_for, model_inputs
+from megavl.models.inputs import attention_mask_for
+from megavl.models.inputs import to_device as model_inputs
 
 from conftest import ROOT
 

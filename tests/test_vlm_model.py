@@ -12,7 +12,8 @@ from megavl.data.batch import Sample, collate_rows, mrope_position_ids, pack_row
 from megavl.data.image_patches import image_to_patches
 from megavl.data.random_samples import random_sample
 from megavl.models.vision import patch_coordinates, window_segments
-from megavl.training.step import attention_mask_for, model_inputs
+from megavl.models.inputs import attention_mask_for
+from megavl.models.inputs import to_device as model_inputs
 
 from conftest import TINY_CONFIG
 

@@ -41,8 +41,12 @@ def wrap_for_training(config: Config, model: VisionLanguageModel) -> list[Distri
     return [ddp]
 
 
-def parameter_counts(model: VisionLanguageModel) -> dict[str, int]:
-    """Parameters held by this rank, per component (shards count at their local size)."""
+def local_parameter_counts(model: VisionLanguageModel) -> dict[str, int]:
+    """Parameters this rank holds, per component (shards count at their local size).
+
+    The whole model's counts, from the config alone, are
+    ``megavl.models.param_count.total_parameter_counts``.
+    """
     counts = {}
     for name in ("vision", "adapter", "language_model"):
         module = getattr(model, name, None)

@@ -1,37 +1,70 @@
-"""Which tokens of the current forward pass are vision tokens.
+"""Which tokens of the forward pass in progress are vision tokens.
 
-The VLM sets this once per forward from the image-pad tokens; MoE routers
-(expert-load statistics) and, later, vision-only adapters read it inside
-megatron's layers, whose signatures cannot carry it. Shapes follow megatron:
-[s, b], s-major, for the whole sequence; under sequence parallelism each
-tensor-parallel rank takes its slice with ``local_tokens``.
+The VLM knows this from the image-pad tokens; MoE routers (expert-load
+statistics), the MoE layers (which send the flags along with the tokens) and
+the vision-only LoRA linears need it deep inside megatron's layers. megatron's
+call signatures have no route for it: GPTModel -> TransformerBlock ->
+TransformerLayer -> attention / MLP -> linear pass hidden states (and the
+attention mask) only, and SequentialMLP calls each expert's MLP, which calls its
+linears, with the expert's tokens alone. So the flags travel in one typed
+context object, ``VisionFlags``, that only the context managers below set, each
+restoring what was there before on exit. It is a ``ContextVar``, so it is never
+visible outside the ``with`` block that set it, nor in another thread.
+
+Shapes follow megatron: ``sequence`` is [s, b], s-major, for the whole
+sequence (under sequence parallelism each tensor-parallel rank takes its slice
+with ``local_tokens``); ``expert_rows`` is [tokens] for the expert now running.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
-_vision_mask: Optional[torch.Tensor] = None
+
+@dataclass(frozen=True)
+class VisionFlags:
+    """bool flags, True for vision tokens; None where no VLM forward (or no expert) is running."""
+
+    sequence: Optional[torch.Tensor] = None  # [s, b], the whole sequence of the VLM forward
+    expert_rows: Optional[torch.Tensor] = None  # [tokens], the rows the running expert computes
+
+
+_CURRENT: contextvars.ContextVar[VisionFlags] = contextvars.ContextVar("megavl_vision_flags", default=VisionFlags())
 
 
 @contextlib.contextmanager
-def vision_tokens(mask: Optional[torch.Tensor]) -> Iterator[None]:
-    """mask: bool [b, s] (the batch layout), True for vision tokens."""
-    global _vision_mask
-    previous = _vision_mask
-    _vision_mask = None if mask is None else mask.transpose(0, 1).contiguous()
+def _flags(**fields) -> Iterator[None]:
+    token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **fields))
     try:
         yield
     finally:
-        _vision_mask = previous
+        _CURRENT.reset(token)
+
+
+def vision_tokens(mask: Optional[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """For one VLM forward. mask: bool [b, s] (the batch layout), True for vision tokens."""
+    return _flags(sequence=None if mask is None else mask.transpose(0, 1).contiguous())
+
+
+def expert_rows(flags: torch.Tensor) -> contextlib.AbstractContextManager:
+    """For one expert's computation: bool [tokens] flags of the rows it computes."""
+    return _flags(expert_rows=flags)
 
 
 def current_vision_mask() -> Optional[torch.Tensor]:
     """bool [s, b] for the whole sequence, or None outside a VLM forward."""
-    return _vision_mask
+    return _CURRENT.get().sequence
+
+
+def current_expert_rows() -> Optional[torch.Tensor]:
+    """bool [tokens] of the running expert's rows, or None outside an expert."""
+    return _CURRENT.get().expert_rows
 
 
 def local_tokens(mask: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """megatron's MoE layer pieces as megavl uses them.
 
 ``VisionAwareMoELayer`` / ``VisionAwareSequentialMLP`` carry each token's
-vision flag to the expert that computes it (for vision-only LoRA).
+vision flag to the expert that computes it (for vision-only LoRA), when the
+layer spec builds them with ``carry_vision_flags=True``.
 
 ``MegavlSequentialMLP`` has DDP sum the experts' gradients over every rank
 that holds a copy of them, also without expert parallelism.
@@ -28,7 +29,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megavl.models.modality import current_vision_mask, local_tokens
+from megavl.models.modality import current_vision_mask, expert_rows, local_tokens
 
 
 class RouterStatistics:
@@ -119,24 +120,24 @@ class MegavlRouter(TopKRouter):
         )
 
 
-def _carries_vision_flags(config) -> bool:
-    from megavl.models.vision_lora import lora_settings
-
-    mlp_rank, _, _, enabled = lora_settings(config)
-    return enabled and mlp_rank > 0
-
-
 class VisionAwareMoELayer(MoELayer):
     """megatron's MoE layer whose tokens carry their vision flag through the dispatcher.
 
     The flag rides as one extra hidden column: every dispatcher (all-to-all,
     all-gather, with or without EP) permutes and exchanges whole rows, so each
     expert receives exactly the flags of the tokens it got. The router and the
-    shared expert see the hidden states without it.
+    shared expert see the hidden states without it. ``carry_vision_flags``
+    (from the layer spec's params) is False where no expert adapter is active;
+    the experts must then be built with the same value.
     """
 
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, *,
+                 carry_vision_flags: bool):
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        self.carry_vision_flags = carry_vision_flags
+
     def preprocess(self, hidden_states, probs, routing_map):
-        if _carries_vision_flags(self.config):
+        if self.carry_vision_flags:
             mask = current_vision_mask()
             if mask is None:
                 flags = torch.zeros(hidden_states.shape[:-1], dtype=hidden_states.dtype, device=hidden_states.device)
@@ -147,7 +148,7 @@ class VisionAwareMoELayer(MoELayer):
 
     def postprocess(self, output, shared_expert_output):
         output = self.token_dispatcher.combine_postprocess(output)
-        if _carries_vision_flags(self.config):
+        if self.carry_vision_flags:
             output = output[..., :-1]
         if shared_expert_output is not None:
             output = output + shared_expert_output
@@ -181,13 +182,18 @@ class MegavlSequentialMLP(SequentialMLP):
 
 
 class VisionAwareSequentialMLP(MegavlSequentialMLP):
-    """Local experts that strip the vision-flag column and tell their LoRA linears which rows are vision."""
+    """Local experts that strip the vision-flag column and tell their LoRA linears which rows are vision.
+
+    ``carry_vision_flags`` must match the ``VisionAwareMoELayer`` they belong to.
+    """
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, *, carry_vision_flags: bool):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        self.carry_vision_flags = carry_vision_flags
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        if not _carries_vision_flags(self.config):
+        if not self.carry_vision_flags:
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-        from megavl.models.vision_lora import expert_rows
-
         # Contiguous like the tensor experts get without the flag column, so the
         # same kernels run and a fresh adapter leaves outputs bit-identical.
         hidden = permuted_local_hidden_states[..., :-1].contiguous()

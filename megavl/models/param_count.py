@@ -26,7 +26,11 @@ def _attention_mlp_layer(
     return count
 
 
-def parameter_counts(config: Config) -> dict[str, int]:
+def total_parameter_counts(config: Config) -> dict[str, int]:
+    """The whole model's parameters per component, unsharded (what all ranks hold together, once).
+
+    What one rank holds of a built model is ``megavl.models.build.local_parameter_counts``.
+    """
     v, a, lm = config.model.vision, config.model.adapter, config.model.lm
     patch = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
     vision = v.hidden_size * patch + v.num_layers * _attention_mlp_layer(
@@ -70,7 +74,7 @@ def parameter_counts(config: Config) -> dict[str, int]:
 def active_language_model_parameters(config: Config) -> int:
     """LM parameters one token passes through: experts beyond its top-k are not counted."""
     lm, moe = config.model.lm, config.model.lm.moe
-    total = parameter_counts(config)["language_model"]
+    total = total_parameter_counts(config)["language_model"]
     if not moe.num_experts:
         return total
     h, ffn = lm.hidden_size, moe.ffn_hidden_size or lm.ffn_hidden_size

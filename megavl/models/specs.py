@@ -5,9 +5,15 @@ Both the vision encoder and the language model are megatron-core
 implementations they are built from. Checkpoint keys are the same for both
 (the local spec maps its separate norms onto TE's fused names), so a checkpoint
 trained on GPUs loads on a laptop and back.
+
+Vision-only LoRA reaches its linears and MoE layers through the specs' params
+(a ``VisionLoRA`` per linear, ``carry_vision_flags`` for the MoE layer and its
+experts), never through megatron's TransformerConfig.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -28,11 +34,11 @@ from megavl.models.moe import (
     VisionAwareSequentialMLP,
 )
 from megavl.models.vision_lora import (
+    VisionLoRA,
     VisionLoRAColumnParallelLinear,
     VisionLoRAGatedColumnParallelLinear,
-    VisionLoRAMLPRowParallelLinear,
     VisionLoRARowParallelLinear,
-    lora_settings,
+    VisionLoRASettings,
 )
 from megavl.models.norm import RMSNorm
 
@@ -43,28 +49,41 @@ _LOCAL_TO_TE_KEYS = {
 }
 
 
-def _local_linears(vision_lora: bool = False) -> MLPSubmodules:
-    if vision_lora:
+def _lora_linear(module: type, lora: VisionLoRA) -> ModuleSpec:
+    # A ModuleSpec is callable too, so this also serves where megatron calls the
+    # submodule directly (SelfAttention's linear_qkv) instead of build_module.
+    return ModuleSpec(module=module, params={"lora": lora})
+
+
+def _local_linears(lora: Optional[VisionLoRA] = None) -> MLPSubmodules:
+    """fc1 and fc2 of a (gated) MLP; with an adapter of the given shape when lora is given."""
+    if lora is not None:
         return MLPSubmodules(
-            linear_fc1=VisionLoRAGatedColumnParallelLinear, linear_fc2=VisionLoRAMLPRowParallelLinear
+            linear_fc1=_lora_linear(VisionLoRAGatedColumnParallelLinear, lora),
+            linear_fc2=_lora_linear(VisionLoRARowParallelLinear, lora),
         )
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
-def _moe_spec(linears: MLPSubmodules, shared_expert: bool, vision_lora: bool = False) -> ModuleSpec:
+def _moe_spec(
+    linears: MLPSubmodules, shared_expert: bool, vision_lora: Optional[VisionLoRASettings] = None
+) -> ModuleSpec:
     """megatron's MoE layer: a router shared by all tokens, experts as a sequence of MLPs.
 
     With vision LoRA the experts get adapters and the tokens carry their vision
     flag to them; the shared expert (which sees tokens in sequence order) does not.
     """
+    if vision_lora is None:
+        layer, experts, expert_linears, params = MoELayer, MegavlSequentialMLP, linears, {}
+    else:
+        layer, experts, expert_linears = VisionAwareMoELayer, VisionAwareSequentialMLP, _local_linears(vision_lora.mlp)
+        params = {"carry_vision_flags": vision_lora.experts_need_vision_flags}
     return ModuleSpec(
-        module=VisionAwareMoELayer if vision_lora else MoELayer,
+        module=layer,
+        params=params,
         submodules=MoESubmodules(
             router=MegavlRouter,
-            experts=ModuleSpec(
-                module=VisionAwareSequentialMLP if vision_lora else MegavlSequentialMLP,
-                submodules=_local_linears(vision_lora) if vision_lora else linears,
-            ),
+            experts=ModuleSpec(module=experts, params=dict(params), submodules=expert_linears),
             shared_experts=(
                 ModuleSpec(module=SharedExpertMLP, submodules=linears)
                 if shared_expert
@@ -79,14 +98,22 @@ def local_layer_spec(
     qk_layernorm: bool = False,
     moe: bool = False,
     shared_expert: bool = False,
-    vision_lora: bool = False,
+    vision_lora: Optional[VisionLoRASettings] = None,
 ) -> ModuleSpec:
-    """A transformer layer from megatron-core's own modules (runs anywhere)."""
+    """A transformer layer from megatron-core's own modules (runs anywhere).
+
+    vision_lora: build the LoRA linears with these adapters (None: plain linears).
+    """
     mlp = (
         _moe_spec(_local_linears(), shared_expert, vision_lora)
         if moe
-        else ModuleSpec(module=MLP, submodules=_local_linears(vision_lora))
+        else ModuleSpec(module=MLP, submodules=_local_linears(None if vision_lora is None else vision_lora.mlp))
     )
+    if vision_lora is None:
+        linear_qkv, linear_proj = ColumnParallelLinear, RowParallelLinear
+    else:
+        linear_qkv = _lora_linear(VisionLoRAColumnParallelLinear, vision_lora.attention)
+        linear_proj = _lora_linear(VisionLoRARowParallelLinear, vision_lora.attention)
     keys = dict(_LOCAL_TO_TE_KEYS)
     if moe:
         # TE's MoE layers keep a separate pre-MLP norm, so that key stays as it is.
@@ -99,9 +126,9 @@ def local_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.arbitrary},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=VisionLoRAColumnParallelLinear if vision_lora else ColumnParallelLinear,
+                    linear_qkv=linear_qkv,
                     core_attention=core_attention_class(attention_backend),
-                    linear_proj=VisionLoRARowParallelLinear if vision_lora else RowParallelLinear,
+                    linear_proj=linear_proj,
                     q_layernorm=RMSNorm if qk_layernorm else IdentityOp,
                     k_layernorm=RMSNorm if qk_layernorm else IdentityOp,
                 ),
@@ -120,14 +147,14 @@ def te_layer_spec(
     qk_layernorm: bool = False,
     moe: bool = False,
     shared_expert: bool = False,
-    vision_lora: bool = False,
+    vision_lora: Optional[VisionLoRASettings] = None,
 ) -> ModuleSpec:
     """A transformer layer with Transformer Engine's fused norm+linear kernels (FP8-capable).
 
     Attention stays megavl's (FlexAttention with a block mask): TE's fused
     attention cannot express bidirectional image spans inside causal packed text.
     """
-    if vision_lora:
+    if vision_lora is not None:
         raise ValueError(
             "vision LoRA is implemented on megatron-core's local linears only; on Transformer Engine "
             "set model.lm.vision_lora.mlp_rank = attn_rank = 0"
@@ -182,7 +209,7 @@ def layer_spec(
     qk_layernorm: bool = False,
     moe: bool = False,
     shared_expert: bool = False,
-    vision_lora: bool = False,
+    vision_lora: Optional[VisionLoRASettings] = None,
 ) -> ModuleSpec:
     builders = {"local": local_layer_spec, "te": te_layer_spec}
     if layer_backend not in builders:
@@ -190,11 +217,18 @@ def layer_spec(
     return builders[layer_backend](attention_backend, qk_layernorm, moe, shared_expert, vision_lora)
 
 
-def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str, qk_layernorm: bool = False):
+def lm_block_spec(
+    transformer_config,
+    layer_backend: str,
+    attention_backend: str,
+    qk_layernorm: bool = False,
+    vision_lora: VisionLoRASettings = VisionLoRASettings(),
+):
     """This pipeline stage's LM layers (dense or MoE, by global index) plus the final norm.
 
     Given explicitly because megatron's default final norm on the local path
-    (torch's own norm) refuses sequence parallelism.
+    (torch's own norm) refuses sequence parallelism. Layers are built from the
+    LoRA linears only where vision_lora has adapters (a rank above 0).
     """
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -210,11 +244,10 @@ def lm_block_spec(transformer_config, layer_backend: str, attention_backend: str
     offset = get_transformer_layer_offset(c)
     moe_pattern = c.moe_layer_freq if c.num_moe_experts else [0] * c.num_layers
     shared = c.moe_shared_expert_intermediate_size is not None
-    mlp_rank, attn_rank, _, _ = lora_settings(c)
     layers = [
         layer_spec(
             layer_backend, attention_backend, qk_layernorm, moe=bool(moe_pattern[offset + i]),
-            shared_expert=shared, vision_lora=bool(mlp_rank or attn_rank),
+            shared_expert=shared, vision_lora=vision_lora if vision_lora.present else None,
         )
         for i in range(get_num_layers_to_build(c))
     ]

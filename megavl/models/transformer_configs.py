@@ -48,7 +48,7 @@ def _common(config: Config, fused_kernels: bool) -> dict:
 def lm_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
     lm, p = config.model.lm, config.parallel
     first_stage = p.first_stage_lm_layers if p.pipeline > 1 else None
-    transformer_config = TransformerConfig(
+    return TransformerConfig(
         **_common(config, fused_kernels),
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -72,10 +72,6 @@ def lm_transformer_config(config: Config, fused_kernels: bool = False) -> Transf
         # the answer-token count of the whole step (all microbatches, all DP ranks).
         calculate_per_token_loss=True,
     )
-    # Read by megavl's vision-LoRA linears, which megatron builds from this config.
-    lora = lm.vision_lora
-    transformer_config.megavl_vision_lora = (lora.mlp_rank, lora.attn_rank, lora.alpha, lora.enabled)
-    return transformer_config
 
 
 def _moe_fields(config: Config) -> dict:

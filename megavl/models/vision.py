@@ -17,7 +17,6 @@ consecutively. The adapter relies on this to merge 4 consecutive patches.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +181,3 @@ class VisionEncoder(MegatronModule):
                 )
         return state
 
-
-def count_image_tokens(grid_thw: Sequence[Sequence[int]], merge: int) -> list[int]:
-    """LM tokens per image: one per merge x merge block of patches."""
-    return [t * h * w // (merge * merge) for t, h, w in grid_thw]

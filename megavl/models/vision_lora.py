@@ -2,10 +2,12 @@
 
 Drop-in subclasses of megatron's ColumnParallelLinear and RowParallelLinear,
 used by the LM layer specs for the attention's QKV and output projections, the
-dense MLPs and every expert's fc1 and fc2. Which rows are vision tokens comes
-from ``megavl.models.modality`` (whole-sequence layers) or, inside experts,
-from ``expert_rows`` (the flags that travelled with the tokens through the
-dispatcher). B starts at zero, so a fresh adapter changes nothing.
+dense MLPs and every expert's fc1 and fc2. Each layer gets its adapter's shape
+as a ``VisionLoRA`` through its ModuleSpec's params (megavl.models.specs).
+Which rows are vision tokens comes from ``megavl.models.modality``: the whole
+sequence's flags in attention and dense MLPs, and inside an expert the flags
+that travelled with its tokens through the dispatcher. B starts at zero, so a
+fresh adapter changes nothing.
 
 Sharding follows the base weight: for a column-parallel W (output split over
 TP) B is split the same way and A is whole; for a row-parallel W (input
@@ -15,9 +17,9 @@ on rank-r tensors, which are tiny next to the base layer's.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -28,35 +30,54 @@ from megatron.core.tensor_parallel.layers import (
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megavl.models.modality import current_vision_mask
-
-_expert_rows: Optional[torch.Tensor] = None
+from megavl.models.modality import current_expert_rows, current_vision_mask
 
 
-@contextlib.contextmanager
-def expert_rows(flags: torch.Tensor) -> Iterator[None]:
-    """Inside an expert: bool [tokens] flags of the rows it is computing."""
-    global _expert_rows
-    previous = _expert_rows
-    _expert_rows = flags
-    try:
-        yield
-    finally:
-        _expert_rows = previous
+@dataclass(frozen=True)
+class VisionLoRA:
+    """The adapter of one linear layer. rank 0: no adapter; not enabled: present but frozen and unused."""
+
+    rank: int
+    alpha: float
+    enabled: bool
 
 
-def lora_settings(config) -> tuple[int, int, float, bool]:
-    """(mlp_rank, attn_rank, alpha, enabled) read from the TransformerConfig megavl built."""
-    return getattr(config, "megavl_vision_lora", (0, 0, 1.0, False))
+@dataclass(frozen=True)
+class VisionLoRASettings:
+    """``model.lm.vision_lora`` as the LM's layer specs use it (the default: no adapters)."""
+
+    mlp_rank: int = 0
+    attn_rank: int = 0
+    alpha: float = 1.0
+    enabled: bool = False
+
+    @classmethod
+    def from_config(cls, lora) -> "VisionLoRASettings":
+        """lora: megavl's VisionLoRAConfig."""
+        return cls(mlp_rank=lora.mlp_rank, attn_rank=lora.attn_rank, alpha=lora.alpha, enabled=lora.enabled)
+
+    @property
+    def present(self) -> bool:
+        """Whether any layer has an adapter (and so is built from the LoRA linears)."""
+        return bool(self.mlp_rank or self.attn_rank)
+
+    @property
+    def attention(self) -> VisionLoRA:
+        return VisionLoRA(self.attn_rank, self.alpha, self.enabled)
+
+    @property
+    def mlp(self) -> VisionLoRA:
+        return VisionLoRA(self.mlp_rank, self.alpha, self.enabled)
+
+    @property
+    def experts_need_vision_flags(self) -> bool:
+        """Whether MoE tokens must carry their vision flag to the experts' active adapters."""
+        return self.enabled and self.mlp_rank > 0
 
 
 def _row_mask(x: torch.Tensor, is_expert: bool) -> Optional[torch.Tensor]:
     """[rows..., 1] float mask over x's leading dims, or None when there are no vision rows."""
-    if is_expert:
-        flags = _expert_rows
-    else:
-        mask = current_vision_mask()  # [s, b]
-        flags = None if mask is None else mask
+    flags = current_expert_rows() if is_expert else current_vision_mask()  # [tokens] / [s, b]
     if flags is None:
         return None
     if flags.shape != x.shape[:-1]:
@@ -69,10 +90,11 @@ def _row_mask(x: torch.Tensor, is_expert: bool) -> Optional[torch.Tensor]:
 class _VisionLoRA:
     """Shared parameter set-up; the subclasses decide the sharding and the collectives."""
 
-    def _add_lora(self, rank: int, alpha: float, enabled: bool, a_shape, b_shape, dtype) -> None:
+    def _add_lora(self, lora: VisionLoRA, a_shape, b_shape, dtype) -> None:
+        rank = lora.rank
         self.lora_rank = rank
-        self.lora_scale = alpha / rank if rank else 0.0
-        self.lora_enabled = enabled and rank > 0
+        self.lora_scale = lora.alpha / rank if rank else 0.0
+        self.lora_enabled = lora.enabled and rank > 0
         if rank == 0:
             self.lora_a = self.lora_b = None
             return
@@ -92,11 +114,9 @@ class _VisionLoRA:
 class VisionLoRAColumnParallelLinear(_VisionLoRA, ColumnParallelLinear):
     _gated = False
 
-    def __init__(self, input_size, output_size, *, config, rank_kind: str = "attn", **kwargs):
+    def __init__(self, input_size, output_size, *, config, lora: VisionLoRA, **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
-        mlp_rank, attn_rank, alpha, enabled = lora_settings(config)
-        rank = mlp_rank if rank_kind == "mlp" else attn_rank
-        self._add_lora(rank, alpha, enabled, (rank, input_size), (self.output_size_per_partition, rank),
+        self._add_lora(lora, (lora.rank, input_size), (self.output_size_per_partition, lora.rank),
                        config.params_dtype)
         if self.lora_a is not None:
             set_tensor_model_parallel_attributes(self.lora_b, True, 0, 1)
@@ -142,16 +162,11 @@ class VisionLoRAGatedColumnParallelLinear(VisionLoRAColumnParallelLinear):
 
     _gated = True
 
-    def __init__(self, input_size, output_size, *, config, **kwargs):
-        super().__init__(input_size, output_size, config=config, rank_kind="mlp", **kwargs)
-
 
 class VisionLoRARowParallelLinear(_VisionLoRA, RowParallelLinear):
-    def __init__(self, input_size, output_size, *, config, rank_kind: str = "attn", **kwargs):
+    def __init__(self, input_size, output_size, *, config, lora: VisionLoRA, **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
-        mlp_rank, attn_rank, alpha, enabled = lora_settings(config)
-        rank = mlp_rank if rank_kind == "mlp" else attn_rank
-        self._add_lora(rank, alpha, enabled, (rank, self.input_size_per_partition), (output_size, rank),
+        self._add_lora(lora, (lora.rank, self.input_size_per_partition), (output_size, lora.rank),
                        config.params_dtype)
         if self.lora_a is not None:
             set_tensor_model_parallel_attributes(self.lora_a, True, 1, 1)
@@ -178,8 +193,3 @@ class VisionLoRARowParallelLinear(_VisionLoRA, RowParallelLinear):
             state, prefix, {"weight": 1, "lora_a": 1}, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
-
-
-class VisionLoRAMLPRowParallelLinear(VisionLoRARowParallelLinear):
-    def __init__(self, input_size, output_size, *, config, **kwargs):
-        super().__init__(input_size, output_size, config=config, rank_kind="mlp", **kwargs)

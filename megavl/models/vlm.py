@@ -22,6 +22,7 @@ from megavl.models.modality import vision_tokens
 from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
 from megavl.models.vision import VisionEncoder
+from megavl.models.vision_lora import VisionLoRASettings
 from megavl.platform.features import Platform, detect
 
 
@@ -63,7 +64,10 @@ class VisionLanguageModel(MegatronModule):
 
         self.language_model = GPTModel(
             lm_config,
-            lm_block_spec(lm_config, platform.layer_backend, platform.attention_backend, lm.qk_layernorm),
+            lm_block_spec(
+                lm_config, platform.layer_backend, platform.attention_backend, lm.qk_layernorm,
+                vision_lora=VisionLoRASettings.from_config(lm.vision_lora),
+            ),
             vocab_size=lm.vocab_size,
             max_sequence_length=lm.max_position_embeddings,
             pre_process=pre_process,

@@ -11,13 +11,17 @@ dispatchers, dist_checkpointing) as the GPU back end.
 
 It is applied only when ``torch.cuda.is_available()`` is False, and ``apply()``
 is idempotent. Nothing here changes numerics: every op still runs, on the CPU.
+Every name it replaces must already exist (``_replace``): should a newer
+megatron-core or torch rename one, ``apply()`` fails naming it rather than
+leaving a patch that silently does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -25,6 +29,41 @@ from torch.overrides import TorchFunctionMode
 _APPLIED = False
 _LOCK = threading.Lock()
 _CPU = torch.device("cpu")
+# How many of megatron's tensor-type checks are running (see _cuda_type_names).
+_TYPE_CHECKS_RUNNING = 0
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    """owner.name = value, for a name owner already has: a renamed target fails here, loudly."""
+    if not hasattr(owner, name):
+        where = getattr(owner, "__module__", None) if isinstance(owner, type) else None
+        label = f"{where}.{owner.__qualname__}" if where else getattr(owner, "__name__", repr(owner))
+        raise RuntimeError(
+            f"megavl.platform.cpu_compat: {label} has no attribute {name!r} to replace; the installed "
+            f"version of {label.split('.')[0]} no longer matches the CPU compatibility layer"
+        )
+    setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def _cuda_type_names() -> Iterator[None]:
+    """While active, ``tensor.type()`` spells CPU tensors as CUDA ones ('torch.cuda.FloatTensor')."""
+    global _TYPE_CHECKS_RUNNING
+    _TYPE_CHECKS_RUNNING += 1
+    try:
+        yield
+    finally:
+        _TYPE_CHECKS_RUNNING -= 1
+
+
+def _with_cuda_type_names(func: Callable) -> Callable:
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return func(*args, **kwargs)
+
+    wrapper._megavl_cuda_type_names = True
+    return wrapper
 
 
 def _is_cuda_device(device: Any) -> bool:
@@ -47,8 +86,8 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            # megatron's optimizers accept only 'torch.cuda.*Tensor' parameters.
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and _TYPE_CHECKS_RUNNING:
+            # Only inside the megatron functions that insist on 'torch.cuda.*Tensor' (_patch_megatron).
             return args[0].type().replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs:
             kwargs["device"] = _cpu_if_cuda(kwargs["device"])
@@ -87,31 +126,31 @@ class _NoOpStream:
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
+    # Each name gets a function object of its own: torch.compile's trace rules
+    # map torch functions by identity and reject one object under two names.
     # A device object, not an index: megatron allocates with
     # device=torch.cuda.current_device() inside autograd backward functions too,
     # where torch-function modes are not active.
-    cuda.current_device = lambda: _CPU
-    cuda.set_device = lambda *a, **k: None
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    cuda.Stream = _NoOpStream
-    cuda.Event = _NoOpStream
-    cuda.current_stream = lambda *a, **k: _NoOpStream()
-    cuda.default_stream = lambda *a, **k: _NoOpStream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _replace(cuda, "current_device", lambda: _CPU)
+    for name in ("set_device", "synchronize", "reset_peak_memory_stats"):
+        _replace(cuda, name, lambda *a, **k: None)
+    _replace(cuda, "empty_cache", lambda: None)
+    _replace(cuda, "Stream", _NoOpStream)
+    _replace(cuda, "Event", _NoOpStream)
+    _replace(cuda, "current_stream", lambda *a, **k: _NoOpStream())
+    _replace(cuda, "default_stream", lambda *a, **k: _NoOpStream())
+    _replace(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
-        setattr(cuda, name, lambda *a, **k: 0)
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
+        _replace(cuda, name, lambda *a, **k: 0)
     # The model-parallel RNG tracker forks "the CUDA generator"; on the CPU the
     # generator that dropout and init actually draw from is the CPU one.
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    _replace(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _replace(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    _replace(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
     # torch.manual_seed calls this; there are no CUDA generators to seed.
-    cuda.manual_seed_all = lambda seed: None
-    nvtx = cuda.nvtx
-    nvtx.range_push = lambda *a, **k: None
-    nvtx.range_pop = lambda *a, **k: None
+    _replace(cuda, "manual_seed_all", lambda seed: None)
+    _replace(cuda.nvtx, "range_push", lambda *a, **k: None)
+    _replace(cuda.nvtx, "range_pop", lambda *a, **k: None)
 
 
 def _patch_all_to_all() -> None:
@@ -129,20 +168,41 @@ def _patch_all_to_all() -> None:
         return original(output, input, as_list(output_split_sizes), as_list(input_split_sizes), *args, **kwargs)
 
     all_to_all_single._megavl_lists = True
-    dist.all_to_all_single = all_to_all_single
+    _replace(dist, "all_to_all_single", all_to_all_single)
 
 
 def _patch_megatron() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
-    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _replace(mp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _replace(mp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
 
-    # moe_utils only defines te_general_gemm when Transformer Engine imports.
+    # moe_utils refers to te_general_gemm (in the router's gating GEMM) but only
+    # defines it when Transformer Engine imports; None selects its torch path.
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
+        if "te_general_gemm" not in moe_utils.RouterGatingLinearFunction.forward.__code__.co_names:
+            raise RuntimeError(
+                "megavl.platform.cpu_compat: megatron.core.transformer.moe.moe_utils."
+                "RouterGatingLinearFunction.forward no longer refers to 'te_general_gemm'; "
+                "the CPU compatibility layer no longer matches the installed megatron-core"
+            )
         moe_utils.te_general_gemm = None
+
+    # megatron's optimizers accept only parameters whose tensor.type() is
+    # 'torch.cuda.{Float,Half,BFloat16}Tensor' (and clipping asserts it of the
+    # gradients). The check is a plain string comparison inside these functions,
+    # so they are the narrowest scope there is: tensor.type() keeps its own
+    # answer everywhere else.
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    for owner in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        _replace(owner, "__init__", _with_cuda_type_names(owner.__init__))
+    # optimizer.py calls clipping by the name it imported.
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    for owner in (clip_grads, optimizer):
+        _replace(owner, "clip_grad_by_total_norm_fp32", clip)
 
 
 def apply() -> bool:
