@@ -93,6 +93,33 @@ def _moe_spec(
     )
 
 
+def _transformer_layer(attention_backend: str, qk_norm, linear_qkv, linear_proj, input_norm, pre_mlp_norm,
+                       mlp: ModuleSpec, keys_map: Optional[dict] = None) -> ModuleSpec:
+    """The TransformerLayer both specs build; they differ only in the modules passed in."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.arbitrary},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=linear_qkv,
+                    core_attention=core_attention_class(attention_backend),
+                    linear_proj=linear_proj,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map or {},
+        ),
+    )
+
+
 def local_layer_spec(
     attention_backend: str,
     qk_layernorm: bool = False,
@@ -118,28 +145,8 @@ def local_layer_spec(
     if moe:
         # TE's MoE layers keep a separate pre-MLP norm, so that key stays as it is.
         keys.pop("pre_mlp_layernorm.")
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=linear_qkv,
-                    core_attention=core_attention_class(attention_backend),
-                    linear_proj=linear_proj,
-                    q_layernorm=RMSNorm if qk_layernorm else IdentityOp,
-                    k_layernorm=RMSNorm if qk_layernorm else IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
-            mlp=mlp,
-            mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=keys,
-        ),
-    )
+    return _transformer_layer(attention_backend, RMSNorm if qk_layernorm else IdentityOp, linear_qkv, linear_proj,
+                              input_norm=RMSNorm, pre_mlp_norm=RMSNorm, mlp=mlp, keys_map=keys)
 
 
 def te_layer_spec(
@@ -181,26 +188,10 @@ def te_layer_spec(
             ),
         )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=core_attention_class(attention_backend),
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=TENorm if qk_layernorm else IdentityOp,
-                    k_layernorm=TENorm if qk_layernorm else IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=pre_mlp_norm,
-            mlp=mlp,
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    # The input norm is fused into linear_qkv (TELayerNormColumnParallelLinear).
+    return _transformer_layer(attention_backend, TENorm if qk_layernorm else IdentityOp,
+                              TELayerNormColumnParallelLinear, TERowParallelLinear,
+                              input_norm=IdentityOp, pre_mlp_norm=pre_mlp_norm, mlp=mlp)
 
 
 def layer_spec(
