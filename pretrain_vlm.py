@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 import warnings
 
@@ -62,15 +63,18 @@ def train(config) -> None:
     from megavl.models.build import build_model, wrap_for_training
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect
-    from megavl.training.checkpointer import Checkpointer
+    from megavl.training.checkpointer import Checkpointer, with_resume_resolved
     from megavl.training.metrics import MetricsWriter, real_tokens, step_metrics
     from megavl.training.moe_metrics import expert_load_image, router_statistics
     from megavl.training.optimizer import build_optimizer, build_scheduler
+    from megavl.training.preemption import EXIT_PREEMPTED, StopRequests
     from megavl.training.step import evaluate, num_microbatches, train_step
 
     # 1. Processes, parallel groups and seeds (validates the config first); values
-    #    left to the run (the image back end) are resolved once, into a new config.
+    #    left to the run (resuming, the image back end) are resolved once, into a new config.
+    #    From here on SIGTERM / SIGUSR1 stop the run after the current step, with a checkpoint.
     layout = init_distributed(config)
+    stop = StopRequests(config.train.max_wall_time, detect().device)
     set_seed(config.train.seed)
     is_logger = layout.rank == 0
     logging.basicConfig(level=logging.INFO if is_logger else logging.WARNING,
@@ -79,6 +83,7 @@ def train(config) -> None:
     metrics = MetricsWriter(config.logging.dir, config.train.steps, enabled=is_logger)
     metrics.message(detect().describe())
     metrics.message(layout.describe())
+    config = with_resume_resolved(config, metrics)
     config = _with_image_backend_chosen(config, metrics)
 
     # 2. Model, optimizer and schedule.
@@ -98,8 +103,9 @@ def train(config) -> None:
     checkpointer = Checkpointer(config, model, optimizer, scheduler, train_data, metrics)
     state = checkpointer.restore()
 
-    # 5. Train.
-    while state.step < config.train.steps:
+    # 5. Train, until the last step or a stop request all ranks agree on.
+    stopped = None
+    while state.step < config.train.steps and not stopped:
         started = time.monotonic()
         # A new stage of the max-pixel schedule rebuilds the loader at the same position.
         max_pixels = pixel_cap(state.step)
@@ -123,13 +129,22 @@ def train(config) -> None:
             val_data = _step_batches(config, tokenizer, layout, microbatches, split="val")
             metrics.log_eval(state.step, {"loss": evaluate(config, chunks, val_data, microbatches)})
         checkpointer.save(state)
+        if state.step < config.train.steps:  # the same condition on every rank: all or none join
+            stopped = stop.agreed()
 
     # 6. The final checkpoint (unless the interval just wrote it) and where everything is.
     checkpointer.save(state, last=True)
+    if stopped:
+        metrics.message(f"stopped at step {state.step} of {config.train.steps}: {stopped}; "
+                        + (f"exit status {EXIT_PREEMPTED}, the same command resumes"
+                           if config.checkpoint.dir else "nothing saved (checkpoint.dir is not set)"))
     metrics.message(f"logs: {os.path.abspath(config.logging.dir)} (metrics.jsonl, tensorboard/)")
     train_data.close()
     metrics.close()
     shutdown()
+    stop.close()
+    if stopped:
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "train", max_pixels=None):

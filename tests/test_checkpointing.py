@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -57,6 +58,98 @@ def test_crash_during_save_keeps_previous_checkpoint(trainable, tmp_path, monkey
     for key, value in model.state_dict().items():
         if key in saved:
             torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
+def _assert_loads_step(root, trainable, step):
+    from megavl.training import checkpoint as ckpt
+
+    _, model, optimizer, scheduler = trainable
+    assert ckpt.load_checkpoint(root, model, optimizer, scheduler).step == step
+
+
+@pytest.mark.parametrize("failure", [
+    pytest.param(lambda: OSError(errno.ENOSPC, "No space left on device"), id="disk-full"),
+    pytest.param(lambda: OSError(errno.EIO, "Input/output error"), id="io-error"),
+])
+@pytest.mark.parametrize("where", ["writing", "publishing"])
+def test_failed_save_names_folder_and_reason_and_keeps_the_previous_checkpoint(trainable, tmp_path, monkeypatch,
+                                                                                failure, where):
+    from megatron.core import dist_checkpointing
+
+    from megavl.training import checkpoint as ckpt
+    from megavl.training import checkpoint_files
+
+    config, model, optimizer, scheduler = trainable
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"pos": 1})
+    error = failure()
+    if where == "writing":
+        def fail(state, folder, *args, **kwargs):
+            with open(os.path.join(folder, "half_written.distcp"), "w") as f:
+                f.write("partial")
+            raise error
+        monkeypatch.setattr(dist_checkpointing, "save", fail)
+    else:
+        real_replace = os.replace
+
+        def fail(source, target):
+            if target.endswith("iter_0000002" + checkpoint_files.SAVED):
+                raise error
+            real_replace(source, target)
+        monkeypatch.setattr(checkpoint_files.os, "replace", fail)
+    with pytest.raises(ckpt.CheckpointSaveError) as info:
+        ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=2), {"pos": 2})
+    monkeypatch.undo()
+    message = str(info.value)
+    assert os.path.join(root, "iter_0000002.partial") in message
+    assert error.strerror in message and "previous checkpoint is still the latest" in message
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000001"
+    assert not os.path.exists(ckpt.iteration_dir(root, 2))
+    _assert_loads_step(root, trainable, 1)
+
+
+def test_saving_a_step_again_never_leaves_latest_without_a_checkpoint(trainable, tmp_path, monkeypatch):
+    import shutil
+
+    from megavl.training import checkpoint as ckpt
+    from megavl.training import checkpoint_files
+
+    config, model, optimizer, scheduler = trainable
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"pos": 1})
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"pos": 1})
+    assert sorted(os.listdir(root)) == ["iter_0000001", "latest"]
+    _assert_loads_step(root, trainable, 1)
+
+    # A crash while the old folder of the step is being removed: latest names the new, complete save.
+    real_rmtree = shutil.rmtree
+
+    def crash(path, *args, **kwargs):
+        if path == ckpt.iteration_dir(root, 1):
+            raise KeyboardInterrupt("killed while removing the old folder")
+        real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(checkpoint_files.shutil, "rmtree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_files.publish(root, _complete_copy(root), ckpt.iteration_dir(root, 1))
+    monkeypatch.undo()
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000001.saved"
+    _assert_loads_step(root, trainable, 1)
+    assert checkpoint_files.remove_incomplete(root) == []  # the folder latest names stays
+
+    # A crash after the last rename, before latest follows it: latest's folder is found under its final name.
+    shutil.rmtree(ckpt.iteration_dir(root, 1))
+    os.replace(ckpt.iteration_dir(root, 1) + checkpoint_files.SAVED, ckpt.iteration_dir(root, 1))
+    assert ckpt.latest_checkpoint(root) == ckpt.iteration_dir(root, 1)
+    _assert_loads_step(root, trainable, 1)
+
+
+def _complete_copy(root):
+    """A complete save of step 1 under a .partial name, as save_checkpoint leaves it before publishing."""
+    import shutil
+
+    copy = os.path.join(root, "iter_0000001.partial")
+    shutil.copytree(os.path.join(root, "iter_0000001"), copy)
+    return copy
 
 
 def test_missing_checkpoint_is_a_clear_error(trainable, tmp_path):

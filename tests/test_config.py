@@ -487,3 +487,13 @@ def test_command_line_args():
 def test_command_line_defaults():
     parser = add_config_args(argparse.ArgumentParser())
     assert config_from_args(parser.parse_args([])) == Config()
+
+
+def test_preemption_and_retention_settings_are_checked():
+    message = problems_for(["checkpoint.resume=sometimes", "checkpoint.keep_last=-1", "checkpoint.keep_every=-2",
+                            "train.max_wall_time=0"])
+    for fragment in ("checkpoint.resume = 'sometimes': must be one of auto, never",
+                     "checkpoint.keep_last = -1: must be >= 0", "checkpoint.keep_every = -2: must be >= 0",
+                     "train.max_wall_time = 0.0: must be > 0"):
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    validate(load_config(None, ["train.max_wall_time=3600", "checkpoint.keep_last=3"]), 1)

@@ -401,6 +401,10 @@ def validate(config: Config, world_size: int) -> None:
     _check_train(c, config, dp)
     _check_data(c, config)
     c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
+    c.at_least("checkpoint.keep_last", config.checkpoint.keep_last, 0)
+    c.at_least("checkpoint.keep_every", config.checkpoint.keep_every, 0)
+    if config.train.max_wall_time is not None:
+        c.positive("train.max_wall_time", config.train.max_wall_time)
     c.at_least("logging.interval", config.logging.interval, 1)
     if c.problems:
         raise report_problems(c.problems, f"invalid configuration for world size {world_size}")

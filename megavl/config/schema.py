@@ -42,6 +42,8 @@ __all__ = [
     "RESOLUTION_MODES",
     "FIXED_FITS",
     "IMAGE_BACKENDS",
+    "ResumeMode",
+    "RESUME_MODES",
 ]
 
 RopeKind = Literal["1d", "mrope"]
@@ -55,6 +57,8 @@ VisionMLP = Literal["swiglu", "gelu_quick"]
 ResolutionMode = Literal["native", "fixed", "tiling"]
 FixedFit = Literal["pad", "resize"]
 ImageBackendName = Literal["auto", "dali", "pillow"]
+# auto: a checkpoint.dir holding a complete checkpoint is resumed from when checkpoint.load is unset.
+ResumeMode = Literal["auto", "never"]
 
 # The same choices as tuples, for code that iterates over them.
 ROPE_KINDS = get_args(RopeKind)
@@ -66,6 +70,7 @@ VISION_MLPS = get_args(VisionMLP)
 RESOLUTION_MODES = get_args(ResolutionMode)
 FIXED_FITS = get_args(FixedFit)
 IMAGE_BACKENDS = get_args(ImageBackendName)
+RESUME_MODES = get_args(ResumeMode)
 
 
 @dataclass
@@ -275,6 +280,10 @@ class TrainConfig:
     init_std: float = 0.02
     eval_interval: int = 50
     eval_steps: int = 2
+    # Seconds after start-up at which the run saves a checkpoint and exits as if
+    # preempted (exit status 75), e.g. a little before a batch job's time limit;
+    # leave room for one step and one save. None: no limit.
+    max_wall_time: Optional[float] = None
 
 
 @dataclass
@@ -285,7 +294,14 @@ class CheckpointConfig:
     pretrained: Optional[str] = None
     # 0 saves only at the end of training.
     interval: int = 0
+    # A checkpoint to resume from (a root with `latest`, or one iter_* folder).
     load: Optional[str] = None
+    # With load unset: auto resumes from the newest complete checkpoint in dir, if any.
+    resume: ResumeMode = "auto"
+    # Keep only the newest keep_last checkpoints in dir (0: keep all), and also
+    # every one whose step is a multiple of keep_every (0: none).
+    keep_last: int = 0
+    keep_every: int = 0
 
 
 @dataclass

@@ -32,12 +32,29 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megavl.config import Config, config_to_dict
+from megavl.training.checkpoint_files import LATEST, PARTIAL, iteration_dir, latest_checkpoint, publish
 from megavl.training.optimizer import initialize_state_for_loading, restore_adam_steps
+
+__all__ = [
+    "LATEST",
+    "CheckpointSaveError",
+    "TrainState",
+    "iteration_dir",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_model_weights",
+    "save_checkpoint",
+    "save_model_weights",
+    "stored_config",
+]
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that did not complete on every rank; the previous checkpoint is still latest."""
 
 
 @dataclass
@@ -47,25 +64,6 @@ class TrainState:
     step: int = 0
     consumed_microbatches: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def iteration_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under root, a checkpoint folder itself, or None."""
-    if dist_checkpointing.check_is_distributed_checkpoint(root):
-        return root
-    marker = os.path.join(root, LATEST)
-    if not os.path.exists(marker):
-        return None
-    with open(marker) as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    if not dist_checkpointing.check_is_distributed_checkpoint(path):
-        raise FileNotFoundError(f"{marker} names {name!r}, which is not a complete checkpoint")
-    return path
 
 
 def stored_config(root: str) -> Optional[dict]:
@@ -143,32 +141,48 @@ def save_checkpoint(
     train_state: TrainState,
     data_state: Any,
 ) -> str:
-    """Saves everything needed to resume; returns the checkpoint folder."""
+    """Saves everything needed to resume; returns the checkpoint folder.
+
+    Every rank learns whether the save succeeded everywhere; if not, each raises
+    CheckpointSaveError naming the folder and the first reason, and latest still
+    names the previous checkpoint.
+    """
     final = iteration_dir(root, train_state.step)
-    partial = final + ".partial"
+    partial = final + PARTIAL
     rank0 = dist.get_rank() == 0
+    error = None
     if rank0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    dist.barrier()
+        error = _attempt(lambda: (shutil.rmtree(partial, ignore_errors=True), os.makedirs(partial)))
+    _raise_if_failed(error, partial)
     state = _sharded_state(model, optimizer, data_state, loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["train_state"] = vars(train_state).copy()
     state["config"] = config_to_dict(config)
     state["layout"] = _layout()
-    dist_checkpointing.save(state, partial)
-    dist.barrier()
-    if rank0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        tmp_marker = os.path.join(root, LATEST + ".tmp")
-        with open(tmp_marker, "w") as f:
-            f.write(os.path.basename(final))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_marker, os.path.join(root, LATEST))
-    dist.barrier()
+    _raise_if_failed(_attempt(lambda: dist_checkpointing.save(state, partial)), partial)
+    _raise_if_failed(_attempt(lambda: publish(root, partial, final)) if rank0 else None, partial)
     return final
+
+
+def _attempt(action) -> Optional[BaseException]:
+    try:
+        action()
+    except Exception as e:  # reported to every rank by _raise_if_failed
+        return e
+    return None
+
+
+def _raise_if_failed(error: Optional[BaseException], folder: str) -> None:
+    """One collective: every rank raises if any rank failed, so none waits for the others alone."""
+    reasons = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, reason) for rank, reason in enumerate(reasons) if reason is not None]
+    if failed:
+        rank, reason = failed[0]
+        raise CheckpointSaveError(
+            f"saving the checkpoint {folder} failed on {len(failed)} rank(s) (rank {rank}: {reason}); "
+            "the previous checkpoint is still the latest"
+        ) from error
 
 
 def load_checkpoint(

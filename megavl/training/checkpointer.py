@@ -1,18 +1,25 @@
-"""The training loop's view of checkpoints: where a run starts, and when it saves.
+"""The training loop's view of checkpoints: where a run starts, when it saves, what it keeps.
 
-``restore()`` resumes from ``checkpoint.load`` or starts from the weights in
-``checkpoint.pretrained``; ``save(state)`` writes a checkpoint when the step
-falls on ``checkpoint.interval``, and ``save(state, last=True)`` writes the
-final one unless that step was just saved. The format itself (atomic
-``latest``, resharding) is megavl/training/checkpoint.py's.
+``with_resume_resolved`` turns ``checkpoint.resume: auto`` into a config whose
+``checkpoint.load`` is ``checkpoint.dir`` when that holds a complete checkpoint
+(and removes saves that never completed). ``Checkpointer.restore()`` resumes from
+``checkpoint.load`` or starts from the weights in ``checkpoint.pretrained``;
+``save(state)`` writes a checkpoint when the step falls on ``checkpoint.interval``,
+and ``save(state, last=True)`` writes the final one unless that step was just
+saved; after each save only ``checkpoint.keep_last`` (plus every ``keep_every``-th)
+are kept. The format itself (atomic ``latest``, resharding) is
+megavl/training/checkpoint.py's; the folders, checkpoint_files.py's.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
-from megavl.config import Config
+import torch.distributed as dist
+
+from megavl.config import Config, replace_field
 from megavl.training.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -20,6 +27,33 @@ from megavl.training.checkpoint import (
     load_model_weights,
     save_checkpoint,
 )
+from megavl.training.checkpoint_files import prune, remove_incomplete
+
+log = logging.getLogger(__name__)
+
+
+def with_resume_resolved(config: Config, metrics) -> Config:
+    """The config this run resumes with: checkpoint.load set from checkpoint.dir under
+    checkpoint.resume = auto. Decided on rank 0 and broadcast, so every rank agrees."""
+    c = config.checkpoint
+    decision = [None]
+    if dist.get_rank() == 0 and c.dir:
+        removed = remove_incomplete(c.dir)
+        if removed:
+            metrics.message(f"removed incomplete checkpoint saves in {c.dir}: {', '.join(removed)}")
+        if not c.load and c.resume == "auto":
+            try:
+                decision = [latest_checkpoint(c.dir)]
+            except FileNotFoundError as e:  # raised below on every rank, not on rank 0 alone
+                decision = [e]
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], Exception):
+        raise decision[0]
+    if decision[0] is None:
+        return config
+    metrics.message(f"checkpoint.resume = auto: resuming from {decision[0]} "
+                    "(set checkpoint.resume=never to start afresh)")
+    return replace_field(config, "checkpoint.load", c.dir)
 
 
 class Checkpointer:
@@ -65,3 +99,12 @@ class Checkpointer:
         self._saved_folder = save_checkpoint(self.dir, self.config, self.model, self.optimizer, self.scheduler,
                                              state, self.data.state_dict())
         self._saved_step = state.step
+        c = self.config.checkpoint
+        if dist.get_rank() == 0 and c.keep_last:
+            try:
+                removed = prune(self.dir, c.keep_last, c.keep_every)
+            except OSError as e:  # a checkpoint too many is no reason to stop training
+                log.warning("could not remove old checkpoints in %s: %s", self.dir, e)
+            else:
+                if removed:
+                    log.info("removed old checkpoints (checkpoint.keep_last = %d): %s", c.keep_last, ", ".join(removed))

@@ -1,0 +1,68 @@
+"""Stopping a run early and cleanly: SIGTERM, SIGUSR1 and train.max_wall_time.
+
+Slurm sends SIGUSR1 before a job's time limit (``--signal=USR1@SECONDS``) and
+SIGTERM when it preempts or cancels one; torchrun passes on the signals it is
+told to handle (``--signals_to_handle=SIGTERM,SIGINT,SIGUSR1``); and Slurm may
+signal every process of the step at once. A handler here only records that a
+signal came. After each step all ranks agree in one collective whether any of
+them was signalled or has run past ``train.max_wall_time``, so they stop at the
+same step, save one checkpoint together and exit with ``EXIT_PREEMPTED``, the
+status the batch templates requeue on. A second signal while saving changes
+nothing: the handler still only records.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# sysexits' EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# Codes all-reduced with MAX: the largest reason wins on every rank.
+_REASONS = {0: None, 1: "train.max_wall_time reached", 2: "signal"}
+
+
+class StopRequests:
+    """Records stop signals from construction until close(); ``agreed()`` is the collective check."""
+
+    def __init__(self, max_wall_time: Optional[float], device: torch.device):
+        self.max_wall_time = max_wall_time
+        self.device = device
+        self.started = time.monotonic()
+        self.received: list[str] = []
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.received.append(signal.Signals(signum).name)
+
+    def _local_code(self) -> int:
+        if self.received:
+            return 2
+        if self.max_wall_time is not None and time.monotonic() - self.started >= self.max_wall_time:
+            return 1
+        return 0
+
+    def agreed(self) -> Optional[str]:
+        """Why this rank stops now, or None to go on; every rank gets a reason at the same step."""
+        code = torch.tensor([self._local_code()], dtype=torch.int32, device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        if int(code.item()) == 2:
+            if not self.received:
+                return "another rank received a stop signal"
+            return f"{'/'.join(dict.fromkeys(self.received))} received"
+        return _REASONS[int(code.item())]
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -1,0 +1,97 @@
+"""A run stopped early (signal, wall-time limit) saves, exits 75 and resumes by itself, exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY_CONFIG, _free_port
+from trainer_runs import _metrics, _overrides, _train, data_dir  # noqa: F401  (data_dir is a fixture)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Two data-parallel processes, no interruption: the losses every resumed run must repeat."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    _train(2, _overrides(data_dir, run, steps=STEPS))
+    train, _ = _metrics(run)
+    return [r["loss"] for r in train], [r["answer_tokens"] for r in train]
+
+
+def _command(overrides, torchrun_options=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), *torchrun_options, str(ROOT / "pretrain_vlm.py"),
+            "--config", str(TINY_CONFIG), "--set", *overrides]
+
+
+def _resumed_losses_match(data_dir, run, uninterrupted, stopped_at):
+    """Running the same command again resumes from the saved step and ends like the uninterrupted run."""
+    stdout = _train(2, _overrides(data_dir, run, steps=STEPS))
+    assert "checkpoint.resume = auto: resuming from" in stdout
+    assert f"resumed from {run}/checkpoints/iter_{stopped_at:07d} at step {stopped_at}" in stdout
+    train, _ = _metrics(run)  # metrics.jsonl is appended to: both parts of the run
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    losses, tokens = uninterrupted
+    assert [r["answer_tokens"] for r in train] == tokens
+    assert [r["loss"] for r in train] == losses
+
+
+def test_wall_time_limit_saves_exits_75_and_the_same_command_resumes_exactly(data_dir, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(_command(_overrides(data_dir, run, steps=STEPS, extra=["train.max_wall_time=0.001"])),
+                            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # torchrun reports the workers' status 75 and exits non-zero itself.
+    assert result.returncode != 0
+    assert "exitcode  : 75" in result.stderr, result.stderr[-3000:]
+    assert f"stopped at step 1 of {STEPS}: train.max_wall_time reached; exit status 75" in result.stdout
+    assert open(run / "checkpoints" / "latest").read().strip() == "iter_0000001"
+    _resumed_losses_match(data_dir, run, uninterrupted, stopped_at=1)
+
+
+def test_sigusr1_through_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(data_dir, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # torchrun passes the signal on to both training processes (the Slurm templates' setting).
+    process = subprocess.Popen(
+        _command(_overrides(data_dir, run, steps=STEPS), ["--signals_to_handle", "SIGTERM,SIGINT,SIGUSR1"]),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics_file = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics_file.exists() and sum('"loss"' in line for line in open(metrics_file)) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    process.send_signal(signal.SIGUSR1)
+    stdout, stderr = process.communicate(timeout=300)
+    saved = open(run / "checkpoints" / "latest").read().strip()
+    stopped_at = int(saved.split("_")[1])
+    assert 2 <= stopped_at < STEPS, stdout[-2000:]
+    assert f"stopped at step {stopped_at} of {STEPS}: SIGUSR1 received; exit status 75" in stdout, stdout[-2000:]
+    assert f"checkpoint: {run}/checkpoints/{saved}" in stdout
+    train, _ = _metrics(run)
+    assert [r["step"] for r in train] == list(range(1, stopped_at + 1))
+    _resumed_losses_match(data_dir, run, uninterrupted, stopped_at)
+
+
+def test_resume_never_starts_afresh_and_keep_last_prunes(data_dir, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    _train(2, _overrides(data_dir, run, steps=STEPS, extra=["checkpoint.interval=2", "checkpoint.keep_last=2",
+                                                            "checkpoint.keep_every=4"]))
+    # Saved at 2, 4, 6, 8: the newest two and every fourth remain.
+    assert sorted(n for n in os.listdir(run / "checkpoints") if n.startswith("iter_")) == [
+        "iter_0000004", "iter_0000006", "iter_0000008"]
+    stdout = _train(2, _overrides(data_dir, run, steps=STEPS, extra=["checkpoint.resume=never"]))
+    assert "resuming" not in stdout
+    train, _ = _metrics(run)
+    assert [r["loss"] for r in train[STEPS:]] == uninterrupted[0]
