@@ -141,3 +141,23 @@ def test_disabled_adapters_with_causal_attention_export_to_the_standard_class(im
     assert export.architecture == "Qwen2_5_VLForConditionalGeneration"
     assert export.verification.ok, export.verification.describe()
     assert not (tmp_path / "hf_out" / "modeling_megavl.py").exists()
+
+
+def test_import_never_runs_python_code_from_the_folder(imported, tmp_path):
+    """A folder naming megavl's class imports (and verifies) with megavl's own packaged code:
+    the folder's modeling_megavl.py / configuration_megavl.py are never executed."""
+    from megavl.convert import export_to_hf, import_from_hf
+
+    ckpt = tmp_path / "features"
+    with_megavl_features(imported / "ckpt", ckpt)
+    out = tmp_path / "hf_out"
+    export_to_hf(str(ckpt), str(out), verify=False, log=quiet)
+    ran = tmp_path / "folder_code_ran"
+    for name in ("modeling_megavl.py", "configuration_megavl.py"):
+        path = out / name
+        path.write_text(f"open({str(ran)!r}, 'w').close()\nraise RuntimeError('code from the folder ran')\n"
+                        + path.read_text())
+    result = import_from_hf(str(out), str(tmp_path / "again"), verify=True, log=quiet)
+    assert result.verification.ok, result.verification.describe()
+    assert result.verification.max_abs_diff <= TOLERANCE
+    assert not ran.exists()

@@ -430,3 +430,41 @@ def test_no_usable_sample_exits_nonzero(images, tmp_path, capsys):
     assert code == 1
     assert "no sample" in capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["written"] == 0
+
+
+def test_image_paths_stay_inside_the_image_root(images, tmp_path):
+    """Absolute paths, file:// URLs, `..` and symbolic links may not read files outside --image-root."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((images / "red.png").read_bytes())
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "red.png").write_bytes((images / "red.png").read_bytes())
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "sub").mkdir()
+
+    def sample(sample_id, path):
+        return {"id": sample_id, "image": path, "conversations": [user("<image>Colour?"), gpt("Red.")]}
+
+    write_llava(tmp_path / "in.json", [
+        sample("relative", "red.png"),
+        sample("inside-absolute", str(root / "red.png")),
+        sample("inside-dots", "sub/../red.png"),
+        sample("dots", "../outside/secret.png"),
+        sample("absolute", str(outside / "secret.png")),
+        sample("symlink", "link.png"),
+    ])
+    summary = prepare("llava", str(tmp_path / "in.json"), str(root), str(tmp_path / "out"))
+    report = [json.loads(r) for r in (tmp_path / "out" / "report.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in report] == [
+        ("dots", "image_outside_root"), ("absolute", "image_outside_root"), ("symlink", "image_outside_root")]
+    assert all(str(outside / "secret.png") in r["detail"] and str(root) in r["detail"] for r in report)
+    assert summary["written"] == 3 and summary["skipped"] == {"image_outside_root": 3}
+
+    # The same for a messages file's file:// URL.
+    chat = {"id": "url", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file://" + str(outside / "secret.png")}}]},
+        {"role": "assistant", "content": "Red."}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+    summary = prepare("messages", str(tmp_path / "chat.jsonl"), str(root), str(tmp_path / "out2"))
+    assert summary["skipped"] == {"image_outside_root": 1}

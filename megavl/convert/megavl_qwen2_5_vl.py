@@ -31,14 +31,19 @@ def _module_name(saved: str) -> str:
     return saved
 
 
-class _RemoteCodeModel:
-    """from_pretrained for the exported folder's own model class."""
+class _PackagedModel:
+    """from_pretrained with megavl's own copy of the folder's model class.
+
+    A folder's modeling_megavl.py is never imported: on import the folder may come
+    from anywhere, and running its Python code would trust it. The class in
+    megavl/convert/remote is the code the export copies into every folder.
+    """
 
     @staticmethod
     def from_pretrained(path: str, **kwargs):
-        from transformers import AutoModelForImageTextToText
+        from megavl.convert.remote.modeling_megavl import MegavlQwen2_5_VLForConditionalGeneration
 
-        return AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, **kwargs)
+        return MegavlQwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs)
 
 
 # The folder stores tensors under the loaded module names: transformers renames
@@ -66,7 +71,7 @@ class MegavlQwen2_5_VL(Qwen2_5_VL):
         return MegavlQwen2_5_VLConfig
 
     def model_class(self):
-        return _RemoteCodeModel
+        return _PackagedModel
 
     def remote_code_files(self) -> list[str]:
         return [os.path.join(REMOTE_DIR, name) for name in REMOTE_FILES]

@@ -27,8 +27,9 @@ Both map to megavl's record (see megavl.data.conversation)::
      "grounding": bool (only when the input has it)}
 
 with one ``<image>`` per image, in order. An id is a non-empty string or
-an integer. Image paths are relative to the image root (absolute ones are
-used as they are).
+an integer. Image paths are relative to the image root; an absolute path or
+``file://`` URL must lie inside it too, and a path that leads out of it (``..``,
+a symbolic link) is refused as ``image_outside_root``.
 
 Output, in this order::
 
@@ -81,6 +82,9 @@ the first reason that applies; the run goes on. ``report.jsonl`` lines are
     An assistant turn whose text is blank.
 ``placeholder_mismatch``
     The number of ``<image>`` placeholders differs from the number of images.
+``image_outside_root``
+    An image path that leads outside the image root (an absolute path or
+    ``file://`` URL elsewhere, ``..``, a symbolic link pointing out).
 ``missing_image``
     An image path that is not a file under the image root.
 ``image_too_large``

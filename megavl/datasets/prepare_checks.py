@@ -26,6 +26,7 @@ REASONS = (
     "no_answer",
     "empty_answer",
     "placeholder_mismatch",
+    "image_outside_root",
     "missing_image",
     "image_too_large",
     "bad_image",
@@ -139,9 +140,19 @@ def _own_pixel_limit():
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
+def _inside_root(image_root: str, path: str) -> str:
+    """The real path of an image, which must lie inside the image root: an input file
+    must not make the tool read (and ship in its shards) files from elsewhere."""
+    root = os.path.realpath(image_root)
+    full = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise SampleError("image_outside_root", f"{path!r} leads to {full!r}, outside --image-root {image_root!r}")
+    return full
+
+
 def load_image(image_root: str, path: str, max_pixels: int) -> tuple[str, bytes]:
     """(extension, bytes) of a checked image: the file's own PNG/JPEG bytes, or a PNG re-encoding."""
-    full = os.path.join(image_root, path)
+    full = _inside_root(image_root, path)
     if not os.path.isfile(full):
         raise SampleError("missing_image", f"{path!r} is not a file under {image_root!r}")
     try:
