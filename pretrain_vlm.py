@@ -67,7 +67,7 @@ def train(config) -> None:
     from megavl.training.metrics import MetricsWriter, real_tokens, step_metrics
     from megavl.training.moe_metrics import expert_load_image, router_statistics
     from megavl.training.optimizer import build_optimizer, build_scheduler
-    from megavl.training.preemption import EXIT_PREEMPTED, StopRequests
+    from megavl.training.preemption import EXIT_PREEMPTED, StopRequests, write_exit_status
     from megavl.training.step import evaluate, num_microbatches, train_step
 
     # 1. Processes, parallel groups and seeds (validates the config first); values
@@ -143,8 +143,10 @@ def train(config) -> None:
     metrics.close()
     shutdown()
     stop.close()
-    if stopped:
-        sys.exit(EXIT_PREEMPTED)
+    status = EXIT_PREEMPTED if stopped else 0
+    if is_logger:
+        write_exit_status(status)
+    sys.exit(status)
 
 
 def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "train", max_pixels=None):

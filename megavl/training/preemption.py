@@ -9,10 +9,16 @@ them was signalled or has run past ``train.max_wall_time``, so they stop at the
 same step, save one checkpoint together and exit with ``EXIT_PREEMPTED``, the
 status the batch templates requeue on. A second signal while saving changes
 nothing: the handler still only records.
+
+torchrun exits with a status of its own whatever its workers' was, so global
+rank 0 also writes its status (0 or 75) to the file named by
+``MEGAVL_EXIT_STATUS_FILE`` when that is set; the templates in examples/slurm
+read it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -24,6 +30,8 @@ import torch.distributed as dist
 # sysexits' EX_TEMPFAIL: "a temporary failure; the user is invited to retry".
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+STATUS_FILE_ENV = "MEGAVL_EXIT_STATUS_FILE"
 
 # Codes all-reduced with MAX: the largest reason wins on every rank.
 _REASONS = {0: None, 1: "train.max_wall_time reached", 2: "signal"}
@@ -66,3 +74,14 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def write_exit_status(status: int) -> None:
+    """Writes status to $MEGAVL_EXIT_STATUS_FILE (if set), whole or not at all."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{status}\n")
+    os.replace(tmp, path)
