@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,26 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A one-node Slurm cluster on localhost (tools/slurm_localhost.sh); the environment to reach it."""
+    where = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / "tools" / "slurm_localhost.sh")
+    result = subprocess.run(["bash", script, "start", str(where), str(_free_port()), str(_free_port())],
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"the localhost Slurm cluster did not start:\n{result.stdout}\n{result.stderr}")
+    yield dict(os.environ, SLURM_CONF=str(where / "slurm.conf"))
+    subprocess.run(["bash", script, "stop", str(where)], timeout=60)
+
+
+def slurm_job_state(job_id: str, env: dict) -> dict:
+    """JobState, Restarts, Reason and ExitCode of a job, as scontrol shows them."""
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True)
+    state = dict(re.findall(r"(JobState|Restarts|Reason|ExitCode)=(\S+)", shown.stdout))
+    # A pending job waits for these; any other reason (e.g. PartitionConfig) means it never runs.
+    assert state.get("JobState") != "PENDING" or state.get("Reason") in ("None", "Priority", "Resources", "BeginTime"), (
+        shown.stdout)
+    return state

@@ -4,7 +4,6 @@ under a real (localhost) Slurm cluster the CPU batch template requeues itself an
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_CONFIG, _free_port
+from conftest import ROOT, TINY_CONFIG, _free_port, slurm_job_state
 from trainer_runs import _metrics, _overrides, _train, data_dir  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -100,28 +99,6 @@ def test_resume_never_starts_afresh_and_keep_last_prunes(data_dir, tmp_path, uni
     assert [r["loss"] for r in train[STEPS:]] == uninterrupted[0]
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A one-node Slurm cluster on localhost (tools/slurm_localhost.sh); the environment to reach it."""
-    where = tmp_path_factory.mktemp("slurm")
-    script = str(ROOT / "tools" / "slurm_localhost.sh")
-    result = subprocess.run(["bash", script, "start", str(where), str(_free_port()), str(_free_port())],
-                            capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        pytest.fail(f"the localhost Slurm cluster did not start:\n{result.stdout}\n{result.stderr}")
-    yield dict(os.environ, SLURM_CONF=str(where / "slurm.conf"))
-    subprocess.run(["bash", script, "stop", str(where)], timeout=60)
-
-
-def _job(job_id, env) -> dict:
-    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True)
-    state = dict(re.findall(r"(JobState|Restarts|Reason)=(\S+)", shown.stdout))
-    # A pending job waits for these; any other reason (e.g. PartitionConfig) means it never runs.
-    assert state.get("JobState") != "PENDING" or state.get("Reason") in ("None", "Priority", "Resources", "BeginTime"), (
-        shown.stdout)
-    return state
-
-
 def test_slurm_job_signalled_before_its_time_limit_requeues_itself_and_finishes_exactly(
         data_dir, tmp_path, uninterrupted, slurm):
     run, log = tmp_path / "run", tmp_path / "job.out"
@@ -138,20 +115,15 @@ def test_slurm_job_signalled_before_its_time_limit_requeues_itself_and_finishes_
     metrics_file = run / "metrics.jsonl"
     deadline = time.monotonic() + 400
     while not (metrics_file.exists() and sum('"loss"' in line for line in open(metrics_file)) >= 2):
-        assert time.monotonic() < deadline and _job(job_id, env).get("JobState") in ("PENDING", "RUNNING"), (
-            f"{_job(job_id, env)}\n{log.read_text() if log.exists() else ''}")
+        assert time.monotonic() < deadline and slurm_job_state(job_id, env).get("JobState") in ("PENDING", "RUNNING"), (
+            f"{slurm_job_state(job_id, env)}\n{log.read_text() if log.exists() else ''}")
         time.sleep(0.05)
     # What Slurm sends before a time limit (--signal=USR1@...): to every process of the job's steps.
     subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=60)
 
-    released = False
-    while (state := _job(job_id, env)).get("JobState") != "COMPLETED":
+    while (state := slurm_job_state(job_id, env)).get("JobState") != "COMPLETED":
         assert time.monotonic() < deadline, f"{state}\n{log.read_text()}"
         assert state.get("JobState") in ("RUNNING", "COMPLETING", "PENDING", "CONFIGURING"), f"{state}\n{log.read_text()}"
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and not released:
-            # Slurm holds a requeued job for two minutes; the test need not wait that long.
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, timeout=60)
-            released = True
         time.sleep(0.5)
     assert state["Restarts"] == "1"
 
