@@ -137,3 +137,22 @@ def test_slurm_job_signalled_before_its_time_limit_requeues_itself_and_finishes_
     losses, tokens = uninterrupted
     assert [r["answer_tokens"] for r in train] == tokens
     assert [r["loss"] for r in train] == losses
+
+
+def test_resume_with_randomness_in_play_repeats_the_uninterrupted_run(data_dir, tmp_path):
+    """Dropout draws, loader worker processes and two data-parallel ranks; stopped at step 1,
+    which is not a checkpoint-interval step (interval 3): the resumed run repeats every loss."""
+    random = ["train.dropout=0.1", "data.num_workers=1"]
+    reference = tmp_path / "reference"
+    _train(2, _overrides(data_dir, reference, steps=5, extra=random))
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stopped = subprocess.run(_command(_overrides(data_dir, run, steps=5, extra=[*random, "train.max_wall_time=0.001"])),
+                             env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert "stopped at step 1 of 5" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-3000:]
+    _train(2, _overrides(data_dir, run, steps=5, extra=random))
+    expected, _ = _metrics(reference)
+    resumed, _ = _metrics(run)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in expected]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in expected]

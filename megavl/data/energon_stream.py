@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from megavl.config import Config
 from megavl.data.dataset_checks import (
     TruncatedShard,
@@ -243,8 +245,14 @@ class EnergonDataStream:
 
     def __next__(self) -> dict:
         if self._iterator is None:
-            self._iterator = iter(self._loader)
-        batch = next(self._iterator)
+            # Starting the loader (its first batch) draws a base seed from torch's global
+            # generator. Forked, so that draw does not shift dropout: a resumed run, which starts
+            # its loader after restoring the RNG state, then draws the uninterrupted run's masks.
+            with torch.random.fork_rng(devices=[]):
+                self._iterator = iter(self._loader)
+                batch = next(self._iterator)
+        else:
+            batch = next(self._iterator)
         stats = batch.pop("data_stats")
         batch.pop("__restore_key__", None)
         for name, key, reason, detail in stats["failures"]:
