@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, slurm_job_state
+from conftest import ROOT, _free_port, slurm_job_state
 
 TEMPLATES = ROOT / "examples" / "slurm"
 TRAINING = ["pretrain_vlm.sbatch", "finetune.sbatch", "pretrain_cpu.sbatch"]
@@ -57,7 +57,9 @@ def test_conversion_template_imports_and_verifies_on_the_cluster(slurm, tmp_path
     from workers.convert_tiny_models import save_tiny_model
 
     save_tiny_model("qwen2_5_vl", str(tmp_path / "hf"))
-    env = dict(slurm, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # A port of its own: this test process may already hold MASTER_PORT for its in-process world.
+    env = dict(slurm, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     job_id, log = _submit(env, tmp_path, "--cpus-per-task=1", str(TEMPLATES / "convert.sbatch"), "from_hf",
                           "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"))
     state = _wait(job_id, env)
