@@ -1,9 +1,10 @@
 """Training checkpoints in megatron's dist_checkpointing format (torch_dist).
 
 A checkpoint directory holds ``iter_XXXXXXX/`` folders and a ``latest`` file
-naming the newest complete one. A save writes ``iter_X.partial/``, renames it
-when every rank has finished, and only then replaces ``latest`` (atomically),
-so a crash at any point leaves the previous checkpoint loadable.
+naming the newest complete one. A save writes ``iter_X.partial/`` and, once every
+rank has finished, megavl/training/checkpoint_files.py puts it in place so that
+``latest`` only ever names a complete folder: a crash or a failed write at any
+point leaves the previous checkpoint loadable.
 
 Each tensor is stored once with its global shape and the slice every rank
 owns, so weights (and the distributed optimizer's state, saved in its

@@ -33,8 +33,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 STATUS_FILE_ENV = "MEGAVL_EXIT_STATUS_FILE"
 
-# Codes all-reduced with MAX: the largest reason wins on every rank.
-_REASONS = {0: None, 1: "train.max_wall_time reached", 2: "signal"}
+# Codes all-reduced with MAX: a signal on any rank outranks a wall-time limit.
+_GO_ON, _WALL_TIME, _SIGNAL = 0, 1, 2
 
 
 class StopRequests:
@@ -55,20 +55,21 @@ class StopRequests:
 
     def _local_code(self) -> int:
         if self.received:
-            return 2
+            return _SIGNAL
         if self.max_wall_time is not None and time.monotonic() - self.started >= self.max_wall_time:
-            return 1
-        return 0
+            return _WALL_TIME
+        return _GO_ON
 
     def agreed(self) -> Optional[str]:
         """Why this rank stops now, or None to go on; every rank gets a reason at the same step."""
         code = torch.tensor([self._local_code()], dtype=torch.int32, device=self.device)
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        if int(code.item()) == 2:
+        agreed = int(code.item())
+        if agreed == _SIGNAL:
             if not self.received:
                 return "another rank received a stop signal"
             return f"{'/'.join(dict.fromkeys(self.received))} received"
-        return _REASONS[int(code.item())]
+        return "train.max_wall_time reached" if agreed == _WALL_TIME else None
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
