@@ -55,7 +55,10 @@ def dry_run(config, world_size: int) -> None:
     for name, count in counts.items():
         print(f"parameters {name:>15}: {count:>15,d}")
     print(f"parameters {'total':>15}: {sum(counts.values()):>15,d}")
-    print(f"LM parameters active per token: {active_language_model_parameters(config):,d}")
+    lm = config.model.lm
+    embeddings = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2)
+    active = active_language_model_parameters(config)
+    print(f"LM parameters active per token: {active:,d} ({active - embeddings:,d} without the embeddings)")
 
 
 def train(config) -> None:
@@ -128,6 +131,7 @@ def train(config) -> None:
         if config.data.val_path and state.step % config.train.eval_interval == 0:
             val_data = _step_batches(config, tokenizer, layout, microbatches, split="val")
             metrics.log_eval(state.step, {"loss": evaluate(config, chunks, val_data, microbatches)})
+        checkpointer.poll()
         checkpointer.save(state)
         if state.step < config.train.steps:  # the same condition on every rank: all or none join
             stopped = stop.agreed()

@@ -215,3 +215,70 @@ def test_pretrained_weights_without_adapters_start_them_fresh(megatron_world, tm
 
     with pytest.raises(ValueError, match="lora_b"):
         load_model_weights(with_lora, str(tmp_path / "converted"))  # strict without the allowance
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_background_save_writes_the_weights_of_its_step_and_moves_latest_only_when_done(trainable, tmp_path):
+    """checkpoint.async_save: a helper process writes what the step staged, even though
+    training changes the weights meanwhile; latest moves when poll() finds the write done."""
+    from megavl.training import checkpoint as ckpt
+
+    config, model, optimizer, scheduler = trainable
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"pos": 1})
+    background = ckpt.BackgroundSaves()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    staged = _weights(model)
+    folder = ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=2), {"pos": 2},
+                                  background=background)
+    assert background.pending == 1
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000001"
+    with torch.no_grad():  # the next steps train on while the save is written
+        for p in model.parameters():
+            p.add_(1.0)
+    assert background.poll(wait=True) == [folder]
+    assert background.pending == 0
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000002"
+    assert not os.path.exists(folder + ".partial")
+    assert ckpt.load_checkpoint(root, model, optimizer, scheduler).step == 2
+    for key, value in model.state_dict().items():
+        if key in staged:
+            torch.testing.assert_close(value, staged[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_background", [False, True], ids=["sync", "background"])
+def test_failed_tensor_write_is_reported_and_keeps_the_previous_checkpoint(trainable, tmp_path, monkeypatch,
+                                                                           in_background):
+    """The writer's own failure (raised by torch as a CheckpointException, a BaseException)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megavl.training import checkpoint as ckpt
+
+    config, model, optimizer, scheduler = trainable
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"pos": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # The writer processes are forked, so they write each tensor with the patched function.
+    monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+    background = ckpt.BackgroundSaves() if in_background else None
+    with pytest.raises(ckpt.CheckpointSaveError) as info:
+        ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=2), {"pos": 2},
+                             background=background)
+        if in_background:
+            background.poll(wait=True)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert os.path.join(root, "iter_0000002.partial") in message
+    assert "No space left on device" in message and "previous checkpoint is still the latest" in message
+    assert background is None or background.pending == 0
+    assert open(os.path.join(root, "latest")).read().strip() == "iter_0000001"
+    assert not os.path.exists(ckpt.iteration_dir(root, 2))
+    _assert_loads_step(root, trainable, 1)

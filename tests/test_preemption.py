@@ -47,19 +47,6 @@ def _resumed_losses_match(data_dir, run, uninterrupted, stopped_at):
     assert [r["loss"] for r in train] == losses
 
 
-def test_wall_time_limit_saves_exits_75_and_the_same_command_resumes_exactly(data_dir, tmp_path, uninterrupted):
-    run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(_command(_overrides(data_dir, run, steps=STEPS, extra=["train.max_wall_time=0.001"])),
-                            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    # torchrun reports the workers' status 75 and exits non-zero itself.
-    assert result.returncode != 0
-    assert "exitcode  : 75" in result.stderr, result.stderr[-3000:]
-    assert f"stopped at step 1 of {STEPS}: train.max_wall_time reached; exit status 75" in result.stdout
-    assert open(run / "checkpoints" / "latest").read().strip() == "iter_0000001"
-    _resumed_losses_match(data_dir, run, uninterrupted, stopped_at=1)
-
-
 def test_sigusr1_through_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(data_dir, tmp_path, uninterrupted):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -86,17 +73,26 @@ def test_sigusr1_through_torchrun_stops_both_ranks_at_one_step_and_resumes_exact
     _resumed_losses_match(data_dir, run, uninterrupted, stopped_at)
 
 
-def test_resume_never_starts_afresh_and_keep_last_prunes(data_dir, tmp_path, uninterrupted):
+def test_background_saves_leave_training_unchanged_keep_last_prunes_and_resume_never_starts_afresh(
+        data_dir, tmp_path, uninterrupted):
     run = tmp_path / "run"
+    # Interval saves at 2, 4 and 6 are written by helper processes while training goes on.
     _train(2, _overrides(data_dir, run, steps=STEPS, extra=["checkpoint.interval=2", "checkpoint.keep_last=2",
-                                                            "checkpoint.keep_every=4"]))
-    # Saved at 2, 4, 6, 8: the newest two and every fourth remain.
-    assert sorted(n for n in os.listdir(run / "checkpoints") if n.startswith("iter_")) == [
-        "iter_0000004", "iter_0000006", "iter_0000008"]
+                                                            "checkpoint.keep_every=4", "checkpoint.async_save=true"]))
+    # Saved at 2, 4, 6, 8: the newest two and every fourth remain, and nothing half written.
+    assert sorted(os.listdir(run / "checkpoints")) == ["iter_0000004", "iter_0000006", "iter_0000008", "latest"]
+    assert open(run / "checkpoints" / "latest").read().strip() == "iter_0000008"
+    train, _ = _metrics(run)
+    assert [r["loss"] for r in train] == uninterrupted[0]
+    # The background-written step 6 resumes exactly (its step-7 and step-8 losses are the uninterrupted ones).
+    stdout = _train(2, _overrides(data_dir, run, steps=STEPS, extra=[f"checkpoint.load={run}/checkpoints/iter_0000006"]))
+    assert "resumed from" in stdout and "at step 6" in stdout
+    train, _ = _metrics(run)
+    assert [r["loss"] for r in train[STEPS:]] == uninterrupted[0][6:]
     stdout = _train(2, _overrides(data_dir, run, steps=STEPS, extra=["checkpoint.resume=never"]))
     assert "resuming" not in stdout
     train, _ = _metrics(run)
-    assert [r["loss"] for r in train[STEPS:]] == uninterrupted[0]
+    assert [r["loss"] for r in train[STEPS + 2:]] == uninterrupted[0]
 
 
 def test_slurm_job_signalled_before_its_time_limit_requeues_itself_and_finishes_exactly(
@@ -139,9 +135,10 @@ def test_slurm_job_signalled_before_its_time_limit_requeues_itself_and_finishes_
     assert [r["loss"] for r in train] == losses
 
 
-def test_resume_with_randomness_in_play_repeats_the_uninterrupted_run(data_dir, tmp_path):
-    """Dropout draws, loader worker processes and two data-parallel ranks; stopped at step 1,
-    which is not a checkpoint-interval step (interval 3): the resumed run repeats every loss."""
+def test_wall_time_stop_with_randomness_in_play_exits_75_and_the_same_command_resumes_exactly(data_dir, tmp_path):
+    """Dropout draws, loader worker processes and two data-parallel ranks; train.max_wall_time
+    stops the run at step 1, which is not a checkpoint-interval step (interval 3), with exit
+    status 75: running the same command again resumes and repeats every loss."""
     random = ["train.dropout=0.1", "data.num_workers=1"]
     reference = tmp_path / "reference"
     _train(2, _overrides(data_dir, reference, steps=5, extra=random))
@@ -149,8 +146,15 @@ def test_resume_with_randomness_in_play_repeats_the_uninterrupted_run(data_dir, 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     stopped = subprocess.run(_command(_overrides(data_dir, run, steps=5, extra=[*random, "train.max_wall_time=0.001"])),
                              env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert "stopped at step 1 of 5" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-3000:]
-    _train(2, _overrides(data_dir, run, steps=5, extra=random))
+    # torchrun reports the workers' status 75 and exits non-zero itself.
+    assert stopped.returncode != 0
+    assert "exitcode  : 75" in stopped.stderr, stopped.stderr[-3000:]
+    assert "stopped at step 1 of 5: train.max_wall_time reached; exit status 75" in stopped.stdout, (
+        stopped.stdout[-2000:] + stopped.stderr[-3000:])
+    assert open(run / "checkpoints" / "latest").read().strip() == "iter_0000001"
+    stdout = _train(2, _overrides(data_dir, run, steps=5, extra=random))
+    assert "checkpoint.resume = auto: resuming from" in stdout
+    assert f"resumed from {run}/checkpoints/iter_0000001 at step 1" in stdout
     expected, _ = _metrics(reference)
     resumed, _ = _metrics(run)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]

@@ -302,6 +302,10 @@ class CheckpointConfig:
     # every one whose step is a multiple of keep_every (0: none).
     keep_last: int = 0
     keep_every: int = 0
+    # Interval saves are written by a background process while training goes on
+    # (megatron's asynchronous save); the step only waits for the tensors to be
+    # staged. The final save (end of run, preemption) is always written in full.
+    async_save: bool = False
 
 
 @dataclass

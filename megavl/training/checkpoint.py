@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megavl.config import Config, config_to_dict
 from megavl.training.checkpoint_files import LATEST, PARTIAL, iteration_dir, latest_checkpoint, publish
@@ -38,6 +39,7 @@ from megavl.training.optimizer import initialize_state_for_loading, restore_adam
 
 __all__ = [
     "LATEST",
+    "BackgroundSaves",
     "CheckpointSaveError",
     "TrainState",
     "iteration_dir",
@@ -52,6 +54,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+# What a failed save raises: torch's writers report their workers' failures as a
+# CheckpointException, which derives from BaseException, not Exception.
+_SAVE_FAILURES = (Exception, CheckpointException)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -141,12 +146,15 @@ def save_checkpoint(
     scheduler,
     train_state: TrainState,
     data_state: Any,
+    background: Optional["BackgroundSaves"] = None,
 ) -> str:
     """Saves everything needed to resume; returns the checkpoint folder.
 
     Every rank learns whether the save succeeded everywhere; if not, each raises
     CheckpointSaveError naming the folder and the first reason, and latest still
-    names the previous checkpoint.
+    names the previous checkpoint. With ``background`` the tensors are staged
+    here and written by a helper process while training goes on; the folder
+    becomes latest when a later ``background.poll()`` finds every rank done.
     """
     final = iteration_dir(root, train_state.step)
     partial = final + PARTIAL
@@ -160,15 +168,71 @@ def save_checkpoint(
     state["train_state"] = vars(train_state).copy()
     state["config"] = config_to_dict(config)
     state["layout"] = _layout()
-    _raise_if_failed(_attempt(lambda: dist_checkpointing.save(state, partial)), partial)
-    _raise_if_failed(_attempt(lambda: publish(root, partial, final)) if rank0 else None, partial)
+
+    def put_in_place():
+        _raise_if_failed(_attempt(lambda: publish(root, partial, final)) if rank0 else None, partial)
+
+    if background is None:
+        _raise_if_failed(_attempt(lambda: dist_checkpointing.save(state, partial)), partial)
+        put_in_place()
+    else:
+        request = []
+        _raise_if_failed(_attempt(lambda: request.append(
+            dist_checkpointing.save(state, partial, async_sharded_save=True))), partial)
+        background.submit(request[0], partial, final, put_in_place)
     return final
+
+
+class BackgroundSaves:
+    """Checkpoint writes that run while training goes on (``checkpoint.async_save``).
+
+    megatron's AsyncCallsQueue forks a helper process per save that writes the
+    tensors staged at save time (copied to host memory on a GPU; on the CPU the
+    fork's copy-on-write pages are the snapshot), so later steps cannot change
+    what is written. ``poll()`` is a collective: every rank calls it at the same
+    points (each step of the loop), and a save is finished (metadata written,
+    folder published, latest moved) only once every rank's writer is done.
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        self._folders: list[tuple[str, str]] = []  # (partial, final), oldest first
+
+    @property
+    def pending(self) -> int:
+        return len(self._folders)
+
+    def submit(self, request, partial: str, final: str, put_in_place) -> None:
+        request.add_finalize_fn(put_in_place)
+        self._queue.schedule_async_request(request)
+        self._folders.append((partial, final))
+
+    def poll(self, wait: bool = False) -> list[str]:
+        """Finishes the saves whose writes are done on every rank (all of them with wait);
+        returns their folders. A failed write raises CheckpointSaveError on every rank."""
+        if not self._folders:
+            return []
+        try:
+            finished = self._queue.maybe_finalize_async_calls(blocking=wait)
+        except CheckpointSaveError:
+            self._folders.pop(0)
+            raise
+        except _SAVE_FAILURES as e:  # megatron raises the writers' failures on every rank
+            partial, _ = self._folders.pop(0)
+            raise CheckpointSaveError(
+                f"saving the checkpoint {partial} failed ({type(e).__name__}: {e}); "
+                "the previous checkpoint is still the latest"
+            ) from e
+        done, self._folders = self._folders[:len(finished)], self._folders[len(finished):]
+        return [final for _, final in done]
 
 
 def _attempt(action) -> Optional[BaseException]:
     try:
         action()
-    except Exception as e:  # reported to every rank by _raise_if_failed
+    except _SAVE_FAILURES as e:  # reported to every rank by _raise_if_failed
         return e
     return None
 

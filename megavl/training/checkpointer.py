@@ -7,7 +7,9 @@
 ``save(state)`` writes a checkpoint when the step falls on ``checkpoint.interval``,
 and ``save(state, last=True)`` writes the final one unless that step was just
 saved; after each save only ``checkpoint.keep_last`` (plus every ``keep_every``-th)
-are kept. The format itself (atomic ``latest``, resharding) is
+are kept. With ``checkpoint.async_save`` interval saves are written in the
+background and ``poll()`` (every step, on every rank) puts finished ones in place;
+the final save first waits for those. The format itself (atomic ``latest``, resharding) is
 megavl/training/checkpoint.py's; the folders, checkpoint_files.py's.
 """
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from megavl.config import Config, replace_field
 from megavl.training.checkpoint import (
+    BackgroundSaves,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -66,6 +69,7 @@ class Checkpointer:
         self._start_step = 0
         self._saved_step: Optional[int] = None
         self._saved_folder: Optional[str] = None
+        self._background = BackgroundSaves() if config.checkpoint.async_save else None
 
     def restore(self) -> TrainState:
         """The state the run starts from: a resumed one, or step 0 (from pretrained weights if given)."""
@@ -87,18 +91,39 @@ class Checkpointer:
             return
         interval = self.config.checkpoint.interval
         if last:
+            # A background save of an earlier step must be in place before the
+            # final one, so that latest moves forward only.
+            self.poll(wait=True)
             if state.step == self._start_step:
                 return  # nothing trained since the checkpoint the run started from
             if self._saved_step != state.step:
-                self._write(state)
+                self._write(state, background=None)
             self.metrics.message(f"checkpoint: {os.path.abspath(self._saved_folder)}")
         elif interval and state.step % interval == 0:
-            self._write(state)
+            # One background save at a time: host memory holds one staged copy.
+            self.poll(wait=True)
+            self._write(state, background=self._background)
 
-    def _write(self, state: TrainState) -> None:
+    def poll(self, wait: bool = False) -> None:
+        """Puts finished background saves in place (a collective when one is pending)."""
+        if self._background is None:
+            return
+        for folder in self._background.poll(wait):
+            log.info("checkpoint written in the background: %s", os.path.abspath(folder))
+            self._prune()
+
+    def close(self) -> None:
+        """Waits for background saves, so no process exits with a write half done."""
+        self.poll(wait=True)
+
+    def _write(self, state: TrainState, background: Optional[BackgroundSaves]) -> None:
         self._saved_folder = save_checkpoint(self.dir, self.config, self.model, self.optimizer, self.scheduler,
-                                             state, self.data.state_dict())
+                                             state, self.data.state_dict(), background=background)
         self._saved_step = state.step
+        if background is None:
+            self._prune()
+
+    def _prune(self) -> None:
         c = self.config.checkpoint
         if dist.get_rank() == 0 and c.keep_last:
             try:
