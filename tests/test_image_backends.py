@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -20,6 +21,8 @@ from megavl.data.image_rendering import ImageBatchError, check_plan, peek_size, 
 from megavl.data.pillow_backend import PillowBackend
 from megavl.data.images import IMAGE_STD, ImageDecodeError, decode_image, image_to_model_input, smart_resize
 from megavl.data.resolution import ImagePart, ImagePlan
+
+from conftest import REQUIRE_DALI, import_dali_or_skip
 
 # DALI vs Pillow, in 8-bit levels. Both use the same cubic kernel; Pillow
 # rounds and clips between its horizontal and vertical passes, DALI does not.
@@ -80,7 +83,7 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def dali():
-    pytest.importorskip("nvidia.dali")
+    import_dali_or_skip()  # a failure instead of a skip under MEGAVL_REQUIRE_DALI=1 (make test)
     return DaliBackend("cpu", batch_size=8, num_threads=2)
 
 
@@ -181,7 +184,6 @@ AGREEMENT_CASES = {
     "png-rgb-up": (drawing(60, 90, 14), "PNG", single(112, 168)),
     "png-grey": (drawing(200, 300, 15).convert("L"), "PNG", single(168, 252)),
     "png-palette": (drawing(200, 300, 16).convert("P", palette=Image.Palette.ADAPTIVE), "PNG", single(224, 336)),
-    "png-rgba": (with_alpha(drawing(200, 300, 17)), "PNG", single(168, 252)),
     "png-near-identity": (drawing(120, 90, 18), "PNG", single(112, 84)),
     "jpeg-tiles-thumbnail": (drawing(500, 700, 19), "JPEG", tiled((336, 448), (448, 448), 224, (224, 224))),
 }
@@ -202,16 +204,101 @@ def test_dali_cpu_agrees_with_pillow(case, dali):
         )
 
 
+# -- images DaliBackend hands to Pillow -------------------------------------
+# Not DALI-agreement cases: DALI does not reproduce Pillow's colour handling of these
+# (alpha is composited on white; 16-bit grey is Pillow's mode I;16), so DaliBackend
+# must render them with its Pillow back end, pixel for pixel.
+
+
+def encode_png(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def grey_16_bit(height: int, width: int) -> Image.Image:
+    ramp = np.linspace(0, 65535, height * width).reshape(height, width).astype(np.uint16)
+    return Image.fromarray(ramp)
+
+
+PILLOW_ROUTED_CASES = {
+    "png-rgba": (encode_png(with_alpha(drawing(200, 300, 17))), single(168, 252)),
+    "png-grey-alpha": (encode_png(with_alpha(drawing(120, 160, 20)).convert("LA")), single(112, 168)),
+    "png-palette-transparent": (
+        encode_png(drawing(120, 160, 21).convert("P", palette=Image.Palette.ADAPTIVE), transparency=0),
+        single(112, 168),
+    ),
+    "png-grey-16-bit": (encode_png(grey_16_bit(90, 120)), single(84, 112)),
+}
+
+
+@pytest.fixture
+def routes(dali, monkeypatch):
+    """Which batch indices a DaliBackend renders with Pillow and which with its DALI pipelines."""
+    seen = {"pillow": [], "dali": []}
+    to_pillow, to_dali = dali._render_with_pillow, dali._run
+
+    def pillow(index, data, plan):
+        seen["pillow"].append(index)
+        return to_pillow(index, data, plan)
+
+    def pipeline(items, chunk, with_thumbnail):
+        seen["dali"].extend(chunk)
+        return to_dali(items, chunk, with_thumbnail)
+
+    monkeypatch.setattr(dali, "_render_with_pillow", pillow)
+    monkeypatch.setattr(dali, "_run", pipeline)
+    return seen
+
+
+@pytest.mark.parametrize("case", list(PILLOW_ROUTED_CASES))
+def test_dali_backend_renders_transparent_and_16_bit_images_with_pillow(case, dali, routes):
+    data, plan = PILLOW_ROUTED_CASES[case]
+    control = encode(drawing(120, 160, 22), "PNG")  # an opaque 8-bit PNG: DALI's own
+    got = dali.render_batch([(control, plan), (data, plan)])
+    assert routes == {"pillow": [1], "dali": [0]}
+    # The very pixels of the Pillow back end, not merely close ones.
+    [expected] = PillowBackend().render_batch([(data, plan)])
+    assert [tag for tag, _ in got[1]] == [tag for tag, _ in expected]
+    for (_, a), (_, b) in zip(got[1], expected):
+        assert torch.equal(a, b), case
+
+
+def test_transparent_pixels_render_white_through_the_dali_backend(dali):
+    # Fully transparent black: DALI would decode it black, Pillow composites it on white.
+    image = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    [(_, pixels)] = dali.render(encode_png(image), single(56, 56))
+    [(_, white)] = PillowBackend().render(encode_png(Image.new("RGB", (56, 56), (255, 255, 255))), single(56, 56))
+    assert torch.equal(pixels, white)
+
+
 def test_dali_batch_keeps_order_across_pipelines(dali):
-    # Plain, thumbnail and Pillow-routed (alpha) images interleaved, more than one pipeline batch.
-    items = [(encode(image, fmt), plan) for image, fmt, plan in AGREEMENT_CASES.values()] * 2
+    # Plain, thumbnail and Pillow-routed (alpha, 16-bit) images interleaved, more than one pipeline batch.
+    agreeing = [(encode(image, fmt), plan) for image, fmt, plan in AGREEMENT_CASES.values()]
+    routed = list(PILLOW_ROUTED_CASES.values())
+    items = (agreeing[:4] + routed[:2] + agreeing[4:] + routed[2:]) * 2
     got = dali.render_batch(items)
     expected = PillowBackend().render_batch(items)
     assert len(got) == len(items)
-    for parts, reference in zip(got, expected):
+    for parts, reference, item in zip(got, expected, items):
         assert [t for t, _ in parts] == [t for t, _ in reference]
         for (_, a), (_, b) in zip(parts, reference):
             assert a.shape == b.shape and levels(a, b).mean() <= DALI_MEAN_LEVELS
+            if item in routed:
+                assert torch.equal(a, b)
+
+
+def test_missing_dali_skips_or_fails_as_the_environment_asks(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali raises ImportError
+    monkeypatch.delenv(REQUIRE_DALI, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="NVIDIA DALI is not installed"):
+        import_dali_or_skip()
+    monkeypatch.setenv(REQUIRE_DALI, "0")
+    with pytest.raises(pytest.skip.Exception):
+        import_dali_or_skip()
+    monkeypatch.setenv(REQUIRE_DALI, "1")
+    with pytest.raises(pytest.fail.Exception, match=r"MEGAVL_REQUIRE_DALI=1 but NVIDIA DALI cannot be imported"):
+        import_dali_or_skip()
 
 
 # -- bad bytes --------------------------------------------------------------

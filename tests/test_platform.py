@@ -9,6 +9,11 @@ import pytest
 import torch
 
 from megavl.platform import cpu_compat, detect
+from megavl.platform.features import Platform
+
+# The compatibility layer is applied only where torch has no CUDA.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(),
+                              reason="tests the CPU compatibility layer, which a CUDA machine does not apply")
 
 
 def test_describe_names_the_chosen_back_ends():
@@ -20,9 +25,29 @@ def test_describe_names_the_chosen_back_ends():
         assert "dist=gloo" in line and "attention=sdpa" in line and "layers=local" in line
 
 
+@pytest.mark.parametrize("found, line", [
+    (dict(cuda=False, device_count=0, transformer_engine=False, apex=False, dali=True, flex_attention=True),
+     "device=cpu dist=gloo layers=local attention=sdpa transformer_engine=False apex=False dali=True"),
+    (dict(cuda=True, device_count=8, transformer_engine=True, apex=True, dali=False, flex_attention=True),
+     "device=cuda x8 dist=nccl layers=te attention=flex transformer_engine=True apex=True dali=False"),
+    (dict(cuda=True, device_count=2, transformer_engine=False, apex=False, dali=True, flex_attention=False),
+     "device=cuda x2 dist=nccl layers=local attention=sdpa transformer_engine=False apex=False dali=True"),
+], ids=["cpu", "cuda-te-flex", "cuda-no-te-no-flex"])
+def test_back_ends_follow_what_was_found(found, line):
+    # FlexAttention only with CUDA (its backward needs a GPU), TE layers only with TE.
+    assert Platform(**found).describe() == f"platform: {line} torch={torch.__version__}"
+
+
+def test_detect_reports_this_process():
+    platform = detect()
+    assert platform.cuda == torch.cuda.is_available()
+    assert platform.device_count == (torch.cuda.device_count() if platform.cuda else 0)
+    assert platform.device.type == ("cuda" if platform.cuda else "cpu")
+    assert not platform.transformer_engine or platform.cuda  # TE is only used with CUDA
+
+
+@cpu_only
 def test_cuda_spellings_land_on_the_cpu():
-    if torch.cuda.is_available():
-        return
     assert cpu_compat.apply()
     assert cpu_compat.apply()  # idempotent
     assert torch.empty(3, device="cuda").device.type == "cpu"
@@ -52,9 +77,8 @@ def test_model_parallel_rng_tracker_forks_the_cpu_generator(megatron_world):
     assert not torch.equal(inside, inside_again)  # the tracked stream advanced
 
 
+@cpu_only
 def test_megatron_type_checks_accept_cpu_tensors_there_only():
-    if torch.cuda.is_available():
-        return
     cpu_compat.apply()
     from megatron.core.optimizer import clip_grads, optimizer
 

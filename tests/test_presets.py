@@ -1,34 +1,103 @@
-"""The example configs are valid for the world sizes they are written for."""
+"""The example configs: the layout they are written for, and what the dry run reports for them."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
-from megavl.config import load_config, validate
+from megavl.config import data_parallel_size, lm_layers_per_stage, load_config, validate
 from megavl.models.param_count import active_language_model_parameters
 from megavl.models.param_count import total_parameter_counts as parameter_counts
+from megavl.training.step import num_microbatches
 
 from conftest import ROOT
 
 CONFIGS = ROOT / "examples" / "configs"
 
 
-@pytest.mark.parametrize("name,world_sizes", [
-    ("tiny_cpu.yaml", [1, 2]),
-    ("tiny_moe_cpu.yaml", [2]),
-    ("moe_8b_a1b.yaml", [128]),
-])
-def test_example_config_validates(name, world_sizes):
+def _dry_run():
+    spec = importlib.util.spec_from_file_location("pretrain_vlm_for_dry_run", ROOT / "pretrain_vlm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dry_run
+
+
+# world size -> (data parallel, LM layers per stage, microbatches per rank, experts per EP rank),
+# from each config's comments: tiny_cpu trains on 1 or 2 processes, tiny_moe_cpu holds 2 of its
+# 4 experts on each of 2 processes, moe_8b_a1b is 16 nodes x 8 GPUs with 2 experts per GPU and
+# 4 microbatches per rank.
+LAYOUTS = {
+    "tiny_cpu.yaml": {1: (1, [4], 2, None), 2: (2, [4], 1, None)},
+    "tiny_moe_cpu.yaml": {2: (2, [4], 1, 2)},
+    "moe_8b_a1b.yaml": {128: (128, [24], 4, 2)},
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_example_config_layout_at_its_world_sizes(name):
     config = load_config(str(CONFIGS / name))
-    for world_size in world_sizes:
+    for world_size, (dp, stages, microbatches, experts_per_rank) in LAYOUTS[name].items():
         validate(config, world_size)
+        assert data_parallel_size(config, world_size) == dp, world_size
+        assert lm_layers_per_stage(config) == stages, world_size
+        assert num_microbatches(config, dp) == microbatches, world_size
+        assert microbatches * config.train.micro_batch_size * dp == config.train.global_batch_size
+        if experts_per_rank is not None:
+            assert config.model.lm.moe.num_experts // config.parallel.expert == experts_per_rank
 
 
-def test_production_preset_is_8b_total_1b_active():
-    config = load_config(str(CONFIGS / "moe_8b_a1b.yaml"))
-    total = sum(parameter_counts(config).values())
-    assert 7.5e9 < total < 8.5e9
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_dry_run_prints_the_layout_and_the_counts(name, capsys):
+    config = load_config(str(CONFIGS / name))
+    world_size = max(LAYOUTS[name])
+    dp, stages, _, _ = LAYOUTS[name][world_size]
+    _dry_run()(config, world_size)
+    out = capsys.readouterr().out
+    p = config.parallel
+    assert (f"parallel layout: world={world_size} = TP {p.tensor} x PP {p.pipeline} x DP {dp} "
+            f"(EP {p.expert}, SP {p.sequence_parallel})") in out
+    assert f"LM layers per pipeline stage: {stages}" in out
+    counts = parameter_counts(config)
+    for component, count in counts.items():
+        assert f"parameters {component:>15}: {count:>15,d}" in out
+    assert f"parameters {'total':>15}: {sum(counts.values()):>15,d}" in out
     lm = config.model.lm
-    embeddings = 2 * lm.vocab_size * lm.hidden_size  # untied input and output
-    active_without_embeddings = active_language_model_parameters(config) - embeddings
-    assert 0.9e9 < active_without_embeddings < 1.3e9
+    active = active_language_model_parameters(config)
+    embeddings = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2)
+    assert f"LM parameters active per token: {active:,d} ({active - embeddings:,d} without the embeddings)" in out
+
+
+def _vision_layer(h: int, ffn: int) -> int:
+    """A Qwen2.5-VL vision block: RMSNorms, QKV and projection with bias, SwiGLU with bias."""
+    return 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * 2 * ffn + 2 * ffn) + (ffn * h + h)
+
+
+def _lora(rank: int, d_in: int, d_out: int) -> int:
+    return rank * d_in + d_out * rank  # A [rank, in], B [out, rank]
+
+
+def test_production_preset_counts_weight_by_weight():
+    """moe_8b_a1b's parameters from its published shapes, weight by weight, not from the count formulas."""
+    config = load_config(str(CONFIGS / "moe_8b_a1b.yaml"))
+    # Vision: Qwen2.5-VL's 32 blocks of width 1280 (ffn 3420) after a 3x2x14x14 patch embedding.
+    vision = 1280 * (3 * 2 * 14 * 14) + 32 * _vision_layer(1280, 3420)
+    # Adapter: RMSNorm, then 2x2 merged patches (5120) -> 5120 -> LM width 2048, with bias.
+    adapter = 1280 + (5120 * 5120 + 5120) + (5120 * 2048 + 2048)
+    # LM: width 2048, 16 heads of 128, 4 KV groups -> QKV out (16 + 2 * 4) * 128 = 3072, with bias.
+    h, qkv = 2048, 3072
+    attention = 2 * h + (h * qkv + qkv) + h * h + _lora(8, h, qkv) + _lora(8, h, h)
+    dense_mlp = 3 * h * 5632 + _lora(32, h, 2 * 5632) + _lora(32, 5632, h)
+    expert = 3 * h * 2816 + _lora(32, h, 2 * 2816) + _lora(32, 2816, h)
+    moe_mlp = 16 * h + 16 * expert  # router + 16 experts
+    embeddings = 2 * 151936 * h  # untied input and output
+    language = embeddings + h + 24 * attention + dense_mlp + 23 * moe_mlp  # layer 0 dense, final norm
+    assert parameter_counts(config) == {"vision": vision, "adapter": adapter, "language_model": language}
+    # Per token: top 2 of the 16 experts in each of the 23 MoE layers.
+    assert active_language_model_parameters(config) == language - 23 * (16 - 2) * expert
+    # The sizes the config's comments give: ~0.67B vision encoder (with its merger), 277M of
+    # expert weights per layer, ~8B in total, ~1.1B active in the LM without the embeddings.
+    assert round((vision + adapter) / 1e9, 2) == 0.67
+    assert round(16 * 3 * h * 2816 / 1e6) == 277
+    assert round((vision + adapter + language) / 1e9) == 8
+    assert round((active_language_model_parameters(config) - embeddings) / 1e9, 1) == 1.1

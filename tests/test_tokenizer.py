@@ -71,7 +71,12 @@ def test_vocab_size_is_as_asked(tokenizer):
 
 def test_small_corpus_gives_a_smaller_vocab(tmp_path):
     tokenizer = train_tokenizer(["ab ab"], 1000, str(tmp_path))
-    assert len(SPECIAL_TOKENS) + 256 <= len(tokenizer) < 1000
+    # Specials, the 256 bytes, then the only merges the corpus has: a+b and the space-led Ġ+ab.
+    assert len(tokenizer) == len(SPECIAL_TOKENS) + 256 + 2
+    assert tokenizer.convert_ids_to_tokens([268, 269]) == ["ab", "Ġab"]
+    ids = tokenizer.encode("ab ab", add_special_tokens=False)
+    assert ids == [268, 269]  # every word of the corpus is one token
+    assert tokenizer.decode(ids) == "ab ab"
 
 
 def test_too_small_vocab_is_refused(tmp_path):

@@ -93,13 +93,54 @@ def test_image_pad_count_mismatch_is_a_clear_error(model, megatron_world):
         _forward(model, config, batch)
 
 
-def test_text_only_batch(model, megatron_world):
+def _packed(config, samples, seq_length):
+    row = pack_row(samples, seq_length, config.model.lm.image_token_id, config.model.vision.spatial_merge_size)
+    return collate_rows([row])
+
+
+@pytest.mark.parametrize("max_images", [0, 2], ids=["text-only", "with-images"])
+def test_a_documents_loss_ignores_its_pack_neighbours_and_padding(model, megatron_world, max_images):
+    """Document masking, per-document positions and in-order image scattering: a packed
+    document's per-token loss is the one it has alone, whatever precedes it and however much
+    padding follows."""
     config = megatron_world
     rng = random.Random(5)
-    sample = random_sample(rng, config, max_images=0)
-    row = pack_row([sample], config.train.seq_length, config.model.lm.image_token_id, 2)
-    per_token, b = _forward(model, config, collate_rows([row]))
-    assert torch.isfinite(per_token).all()
+    sample = random_sample(rng, config, max_images=max_images)
+    neighbour = random_sample(rng, config, max_images=max_images)
+    while max_images and not (sample.images and neighbour.images):
+        sample, neighbour = neighbour, random_sample(rng, config, max_images=max_images)
+    n, m = len(sample), len(neighbour)
+    pair = _packed(config, [neighbour, sample], config.train.seq_length)
+    one_document = dict(pair, document_ids=pair["document_ids"].clamp(max=0))  # 1 -> 0, padding stays -1
+    with torch.no_grad():
+        alone, b = _forward(model, config, _packed(config, [sample], config.train.seq_length))
+        after_neighbour, _ = _forward(model, config, pair)
+        little_padding, _ = _forward(model, config, _packed(config, [sample], n + 5))
+        neighbour_alone, _ = _forward(model, config, _packed(config, [neighbour], config.train.seq_length))
+        seeing_neighbour, _ = _forward(model, config, one_document)
+    assert b["loss_mask"][0, :n].any() and torch.isfinite(alone[0, :n]).all()
+    torch.testing.assert_close(after_neighbour[0, m : m + n], alone[0, :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after_neighbour[0, :m], neighbour_alone[0, :m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(little_padding[0, :n], alone[0, :n], atol=1e-5, rtol=0)
+    # The comparison can fail: attending to the neighbour does move the losses.
+    assert (seeing_neighbour[0, m : m + n] - alone[0, :n]).abs().max() > 1e-3
+
+
+def test_per_token_loss_is_the_cross_entropy_of_the_logits(model, megatron_world):
+    """The labels path (megatron's fused vocab-parallel cross entropy) scores the next token
+    from the very logits the label-free path returns."""
+    config = megatron_world
+    batch = _batch_with_images(config, [(56, 84)])
+    b = model_inputs(batch, config, torch.device("cpu"))
+    mask = attention_mask_for(b, True, "sdpa")
+    with torch.no_grad():
+        per_token = model(b["tokens"], b["position_ids"], mask, labels=b["labels"],
+                          pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+        logits = model(b["tokens"], b["position_ids"], mask, pixel_values=b["pixel_values"],
+                       image_grid_thw=b["image_grid_thw"], gather_logits=True)
+    assert logits.shape == (*b["tokens"].shape, config.model.lm.vocab_size)
+    expected = torch.nn.functional.cross_entropy(logits[0].float(), b["labels"][0], reduction="none")
+    torch.testing.assert_close(per_token[0], expected, atol=1e-5, rtol=1e-6)
 
 
 def test_image_to_patches_groups_merge_blocks():
