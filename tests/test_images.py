@@ -36,7 +36,9 @@ def test_decode_image_refuses_corrupt_bytes_and_bombs():
 
 
 def test_image_preprocessing_matches_qwen2_vl_reference():
-    reference = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    # transformers is an install requirement: a missing or renamed reference module is a failure.
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as reference
+
     from megavl.data.images import image_to_model_input, smart_resize
 
     rng = random.Random(2)
@@ -56,3 +58,30 @@ def test_image_preprocessing_matches_qwen2_vl_reference():
     patches = image_to_model_input(image, config)
     assert patches.grid_thw == tuple(expected["image_grid_thw"][0].tolist())
     torch.testing.assert_close(patches.pixel_values, expected["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped():
+    """A 16-bit PNG ramp keeps its shading: Pillow's own convert('RGB') clips it to white."""
+    import numpy as np
+
+    from megavl.data.images import decode_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I")
+    rgb = np.asarray(decode_image(buffer.getvalue()))
+    assert rgb.shape == (8, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and 120 <= rgb[..., 0].mean() <= 135
+
+
+def test_floating_point_images_are_refused_with_the_reason():
+    import numpy as np
+
+    from megavl.data.images import ImageDecodeError, decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(buffer, format="TIFF")
+    with pytest.raises(ImageDecodeError, match="mode F"):
+        decode_image(buffer.getvalue())

@@ -72,6 +72,14 @@ def decode_image(data: bytes, max_pixels_allowed: int = 64_000_000) -> Image.Ima
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I"):
+        # 16-bit greyscale (PNG opens as I;16, or I): Pillow's convert("RGB") clips
+        # every value above 255 instead of scaling, which turns the image white.
+        grey = np.asarray(image, dtype=np.float64)
+        grey = np.rint(np.clip(grey, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        raise ImageDecodeError("floating-point pixels (mode F) have no defined range to map to 8-bit RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
