@@ -376,6 +376,11 @@ def problems_for(overrides, world_size=1) -> str:
             ["model.lm.image_token_id=2048"], 1, ["model.lm.image_token_id = 2048", "2048"],
             id="image-token-outside-vocab",
         ),
+        pytest.param(
+            ["parallel.tensor=2", "model.lm.vocab_size=2049"], 2,
+            ["model.lm.vocab_size = 2049", "divisible by parallel.tensor"],
+            id="vocab-not-divisible-by-tp",
+        ),
     ],
 )
 def test_validation_errors(overrides, world_size, fragments):

@@ -133,6 +133,8 @@ def _check_lm(c: _Checks, config: Config) -> None:
     if c.at_least(f"{s}.ffn_hidden_size", m.ffn_hidden_size, 1):
         c.divisible(f"{s}.ffn_hidden_size", m.ffn_hidden_size, "parallel.tensor", tp)
     vocab_ok = c.at_least(f"{s}.vocab_size", m.vocab_size, 1)
+    if vocab_ok:  # megatron's vocab-parallel embedding and output layer split it evenly over TP
+        c.divisible(f"{s}.vocab_size", m.vocab_size, "parallel.tensor", tp)
     if m.rope == "mrope":
         c.require(
             len(m.mrope_section) == 3 and all(x >= 0 for x in m.mrope_section),
