@@ -16,11 +16,16 @@ pytestmark = pytest.mark.slow
 # Small sequences keep each launch to a few seconds; micro-batch 1 x global 4 gives
 # 4 microbatches on one process and 2 per rank at DP=2 (PP=2 needs >= 2).
 COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.seq_length=256"]
+# (processes, overrides). The MB2 layouts split the same global batch of rows into
+# microbatches of two rows (random_batches draws the same rows whatever the micro-batch
+# size): a normalisation that depended on the split would change the losses after step 1.
 LAYOUTS = {
-    "TP2": ["parallel.tensor=2"],
-    "TP2-SP": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-    "PP2": ["parallel.pipeline=2"],
-    "DP2": [],
+    "TP2": (2, ["parallel.tensor=2"]),
+    "TP2-SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "PP2": (2, ["parallel.pipeline=2"]),
+    "DP2": (2, []),
+    "MB2": (1, ["train.micro_batch_size=2"]),
+    "DP2-MB2": (2, ["train.micro_batch_size=2"]),
 }
 RTOL = 1e-5
 
@@ -40,11 +45,13 @@ def reference(tmp_path_factory):
 def test_layout_matches_single_process(reference, name):
     work, single = reference
     out = work / f"{name}.json"
-    run_torchrun(2, "train_layout.py", [
-        "--config", str(TINY_CONFIG), "--set", *COMMON, *LAYOUTS[name],
+    processes, overrides = LAYOUTS[name]
+    run_torchrun(processes, "train_layout.py", [
+        "--config", str(TINY_CONFIG), "--set", *COMMON, *overrides,
         "--init", str(work / "init"), "--out", str(out),
     ])
     result = read_json(out)
+    # answer_tokens is the step's count over all microbatches and ranks: the same global batch.
     assert result["answer_tokens"] == single["answer_tokens"]
     assert len(result["loss"]) == 3
     for key in ("loss", "grad_norm"):
