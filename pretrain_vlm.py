@@ -64,6 +64,8 @@ def dry_run(config, world_size: int) -> None:
 def train(config) -> None:
     from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
     from megavl.models.build import build_model, wrap_for_training
+    from megavl.models.parts import describe as describe_parts
+    from megavl.models.parts import part_counts
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect
     from megavl.training.checkpointer import Checkpointer, with_resume_resolved
@@ -92,6 +94,7 @@ def train(config) -> None:
     # 2. Model, optimizer and schedule.
     model = build_model(config)
     chunks = wrap_for_training(config, model)
+    metrics.message(describe_parts(part_counts(model)))
     optimizer = build_optimizer(config, chunks)
     scheduler = build_scheduler(config, optimizer)
 

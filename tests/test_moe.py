@@ -11,10 +11,22 @@ MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
 COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.seq_length=256", "parallel.expert=1"]
 SHARED = ["model.lm.moe.shared_expert_ffn_hidden_size=96"]
 NO_LORA = ["model.lm.vision_lora.mlp_rank=0", "model.lm.vision_lora.attn_rank=0"]
+# train.parts: a frozen vision tower, router and embeddings, the adapter at twice the learning rate.
+FROZEN = ["train.parts.vision.train=false", "train.parts.router.train=false",
+          "train.parts.lm_embeddings.train=false", "train.parts.output_layer.train=false",
+          "train.parts.adapter.lr_mult=2"]
+# The alignment stage: only the adapter trains, so pipeline stage 1 holds nothing that trains
+# and must still pass the gradient back to stage 0.
+ADAPTER_ONLY = [f"train.parts.{part}.train=false" for part in
+                ("vision", "lm", "lm_embeddings", "output_layer", "vision_lora", "router")]
 LAYOUTS = {
     "EP2-alltoall": (["parallel.expert=2"], []),
     "EP2-allgather": (["parallel.expert=2", "model.lm.moe.dispatcher=allgather"], []),
     "PP2": (["parallel.pipeline=2"], []),
+    "EP2-frozen": (["parallel.expert=2"], FROZEN),
+    "PP2-frozen": (["parallel.pipeline=2"], FROZEN),
+    "TP2-SP-frozen": (["parallel.tensor=2", "parallel.sequence_parallel=true"], FROZEN),
+    "PP2-adapter-only": (["parallel.pipeline=2"], ADAPTER_ONLY),
     "EP2-shared-expert": (["parallel.expert=2"], SHARED),
     # Without EP every TP rank holds whole experts (expert_tensor = 1) that compute only its
     # slice of the sequence: their gradients must be summed over the TP ranks.
@@ -33,7 +45,7 @@ LAYOUTS = {
 def references(tmp_path_factory):
     work = tmp_path_factory.mktemp("moe")
     results = {}
-    for index, extra in enumerate(([], SHARED, NO_LORA)):
+    for index, extra in enumerate(([], SHARED, NO_LORA, FROZEN, ADAPTER_ONLY)):
         out = work / f"single-{index}.json"
         run_torchrun(1, "train_layout.py", ["--config", str(MOE_CONFIG), "--set", *COMMON, *extra, "--out", str(out)])
         results[tuple(extra)] = read_json(out)

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from megavl.config.errors import report_problems
 from megavl.config.layout import model_parallel_size, pipeline_split
 from megavl.config.loading import build_section, field_types
-from megavl.config.schema import Config, ResolutionConfig
+from megavl.config.schema import TRAINABLE_PARTS, Config, ResolutionConfig
 
 
 class _Checks:
@@ -386,6 +386,32 @@ def _check_data(c: _Checks, config: Config) -> None:
     c.positive("data.failure_check_min_samples", d.failure_check_min_samples)
 
 
+def _check_parts(c: _Checks, config: Config) -> None:
+    parts = config.train.parts
+    names = TRAINABLE_PARTS
+    for name in names:
+        part = getattr(parts, name)
+        c.positive(f"train.parts.{name}.lr_mult", part.lr_mult)
+        c.at_least(f"train.parts.{name}.wd_mult", part.wd_mult, 0)
+    c.require(
+        any(getattr(parts, name).train for name in names),
+        "train.parts: every part has train = false; at least one part must train",
+    )
+    last, layers = parts.vision_last_layers, config.model.vision.num_layers
+    if last is not None:
+        c.require(
+            0 <= last <= layers,
+            f"train.parts.vision_last_layers = {last}: must be in [0, model.vision.num_layers = {layers}]",
+        )
+    if config.model.lm.tie_embeddings:
+        embeddings, output = parts.lm_embeddings, parts.output_layer
+        c.require(
+            (embeddings.train, embeddings.lr_mult, embeddings.wd_mult) == (output.train, output.lr_mult, output.wd_mult),
+            f"train.parts.output_layer = {vars(output)} differs from train.parts.lm_embeddings = {vars(embeddings)}, "
+            "but model.lm.tie_embeddings = true makes them one tensor: give both the same settings",
+        )
+
+
 def validate(config: Config, world_size: int) -> None:
     """Check that config can run on world_size processes.
 
@@ -402,6 +428,7 @@ def validate(config: Config, world_size: int) -> None:
     dp = _check_parallel(c, config, world_size)
     _check_train(c, config, dp)
     _check_data(c, config)
+    _check_parts(c, config)
     c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
     c.at_least("checkpoint.keep_last", config.checkpoint.keep_last, 0)
     c.at_least("checkpoint.keep_every", config.checkpoint.keep_every, 0)

@@ -6,7 +6,7 @@ any string there and ``validate`` names the valid ones). Loading from YAML
 lives in megavl/config/loading.py, the cross-field checks in checks.py.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, get_args
 
 __all__ = [
@@ -20,6 +20,9 @@ __all__ = [
     "ResolutionConfig",
     "MaxPixelScheduleConfig",
     "DataConfig",
+    "PartConfig",
+    "TrainablePartsConfig",
+    "TRAINABLE_PARTS",
     "TrainConfig",
     "CheckpointConfig",
     "LoggingConfig",
@@ -260,6 +263,42 @@ class DataConfig:
 
 
 @dataclass
+class PartConfig:
+    """Whether a part of the model trains, and its learning-rate and weight-decay multipliers
+    (of train.lr / train.min_lr and train.weight_decay)."""
+
+    train: bool = True
+    lr_mult: float = 1.0
+    wd_mult: float = 1.0
+
+
+@dataclass
+class TrainablePartsConfig:
+    """What trains. A frozen part gets no gradient buffer and no optimizer state; a vision
+    tower frozen entirely runs without building its autograd graph."""
+
+    # The vision encoder (patch embedding and layers).
+    vision: PartConfig = field(default_factory=PartConfig)
+    # With vision.train: only the last N encoder layers train (None: all of it); the
+    # patch embedding and the earlier layers stay frozen.
+    vision_last_layers: Optional[int] = None
+    adapter: PartConfig = field(default_factory=PartConfig)
+    # The LM's layers and final norm, except its router and vision adapters.
+    lm: PartConfig = field(default_factory=PartConfig)
+    lm_embeddings: PartConfig = field(default_factory=PartConfig)
+    # Tied to lm_embeddings when model.lm.tie_embeddings (the two must then agree).
+    output_layer: PartConfig = field(default_factory=PartConfig)
+    # The vision-only LoRA adapters (also inactive and frozen with model.lm.vision_lora.enabled = false).
+    vision_lora: PartConfig = field(default_factory=PartConfig)
+    # The MoE routers.
+    router: PartConfig = field(default_factory=PartConfig)
+
+
+# The parts' names, in the order above.
+TRAINABLE_PARTS = tuple(f.name for f in fields(TrainablePartsConfig) if f.default_factory is PartConfig)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     seed: int = 1234
@@ -284,6 +323,7 @@ class TrainConfig:
     # preempted (exit status 75), e.g. a little before a batch job's time limit;
     # leave room for one step and one save. None: no limit.
     max_wall_time: Optional[float] = None
+    parts: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from megatron.core.distributed import (
 
 from megavl.config import Config
 from megavl.models.init import initialize_layout_invariant
+from megavl.models.parts import freeze
 from megavl.models.vlm import VisionLanguageModel
 from megavl.platform.features import detect
 
@@ -27,7 +28,11 @@ def build_model(config: Config) -> VisionLanguageModel:
 
 
 def wrap_for_training(config: Config, model: VisionLanguageModel) -> list[DistributedDataParallel]:
-    """megatron DDP (contiguous gradient buffers, fp32 reduction) and the hooks its schedules use."""
+    """megatron DDP (contiguous gradient buffers, fp32 reduction) and the hooks its schedules use.
+
+    The parts train.parts freezes are frozen first, so DDP gives them no gradient buffer
+    (and the optimizer built from the chunks no state)."""
+    freeze(config, model)
     if detect().cuda:
         model.cuda()
     ddp_config = DistributedDataParallelConfig(

@@ -34,6 +34,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megavl.config import Config, config_to_dict
+from megavl.models.parts import trained_parts
 from megavl.training.checkpoint_files import LATEST, PARTIAL, iteration_dir, latest_checkpoint, publish
 from megavl.training.optimizer import initialize_state_for_loading, restore_adam_steps
 
@@ -168,6 +169,7 @@ def save_checkpoint(
     state["train_state"] = vars(train_state).copy()
     state["config"] = config_to_dict(config)
     state["layout"] = _layout()
+    state["trained_parts"] = trained_parts(config)
 
     def put_in_place():
         _raise_if_failed(_attempt(lambda: publish(root, partial, final)) if rank0 else None, partial)
@@ -256,13 +258,15 @@ def load_checkpoint(
     optimizer=None,
     scheduler=None,
     data_stream=None,
+    trained: Optional[dict] = None,
 ) -> TrainState:
     """Restores what the checkpoint at path (a root with `latest`, or one iter folder) holds.
 
     Same layout: everything. Only the DP size changed: weights, optimizer and
     schedule. TP or PP changed: weights and schedule; the optimizer state
-    starts fresh (its saved form follows the TP/PP partitioning). With
-    optimizer=None only the weights are loaded (fine-tuning or evaluating).
+    starts fresh (its saved form follows the TP/PP partitioning), as it does when
+    ``trained`` (this run's ``trained_parts``) differs from what the checkpoint
+    trained. With optimizer=None only the weights are loaded (fine-tuning or evaluating).
     """
     folder = latest_checkpoint(path)
     if folder is None:
@@ -275,7 +279,9 @@ def load_checkpoint(
     same_model_split = {k: saved.get(k) for k in ("tensor", "pipeline")} == {
         k: now[k] for k in ("tensor", "pipeline")
     }
-    with_optimizer = optimizer is not None and same_model_split
+    saved_parts = common.get("trained_parts", trained_parts(Config()))  # older checkpoints trained everything
+    same_parts = trained is None or saved_parts == trained
+    with_optimizer = optimizer is not None and same_model_split and same_parts
     if with_optimizer:
         initialize_state_for_loading(optimizer)
 
@@ -304,6 +310,9 @@ def load_checkpoint(
             "RNG and data positions start fresh",
             folder, saved, now, ", optimizer" if with_optimizer else " (optimizer state starts fresh)",
         )
+    if optimizer is not None and not same_parts:
+        log.warning("checkpoint %s trained other parts or multipliers (train.parts) than this run: "
+                    "its optimizer state is not restored; this run's optimizer starts fresh", folder)
     return TrainState(**state["train_state"])
 
 

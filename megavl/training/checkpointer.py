@@ -22,6 +22,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from megavl.config import Config, replace_field
+from megavl.models.parts import trained_parts
 from megavl.training.checkpoint import (
     BackgroundSaves,
     TrainState,
@@ -76,7 +77,8 @@ class Checkpointer:
         c = self.config.checkpoint
         state = TrainState()
         if c.load:
-            state = load_checkpoint(c.load, self.model, self.optimizer, self.scheduler, self.data)
+            state = load_checkpoint(c.load, self.model, self.optimizer, self.scheduler, self.data,
+                                    trained=trained_parts(self.config))
             self.metrics.message(f"resumed from {latest_checkpoint(c.load)} at step {state.step}")
         elif c.pretrained:
             fresh = load_model_weights(self.model, c.pretrained, allow_fresh_adapters=True)

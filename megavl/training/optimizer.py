@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
-from megatron.core.optimizer.optimizer_config import ParamKey
-from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megavl.config import Config
+from megavl.models.parts import optimizer_overrides
 
 
 def build_optimizer(config: Config, model_chunks: list):
@@ -49,13 +48,10 @@ def _expert_optimizer_uses_expert_tp_group(optimizer) -> None:
 
 
 def _param_overrides(config: Config, optimizer_config: OptimizerConfig) -> dict:
-    """megatron's usual groups (no decay on biases and norms) plus the vision adapters' own decay."""
+    """megatron's usual groups (no decay on biases and norms) plus each part's multipliers
+    (train.parts) and the vision adapters' own decay."""
     overrides = get_standard_config_overrides(optimizer_config)
-    lora = config.model.lm.vision_lora
-    if config.train.weight_decay > 0:
-        overrides[ParamKey(attr="vision_lora")] = ParamGroupOverride(
-            wd_mult=lora.weight_decay / config.train.weight_decay
-        )
+    overrides.update(optimizer_overrides(config))
     return overrides
 
 
