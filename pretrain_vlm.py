@@ -71,6 +71,7 @@ def train(config) -> None:
     from megavl.training.checkpointer import Checkpointer, with_resume_resolved
     from megavl.training.metrics import MetricsWriter, real_tokens, step_metrics
     from megavl.training.moe_metrics import expert_load_image, router_statistics
+    from megavl.training.nonfinite import NonFiniteGuard
     from megavl.training.optimizer import build_optimizer, build_scheduler
     from megavl.training.preemption import EXIT_PREEMPTED, StopRequests, write_exit_status
     from megavl.training.step import evaluate, num_microbatches, train_step
@@ -108,6 +109,7 @@ def train(config) -> None:
     # 4. Resume, or start from pretrained weights.
     checkpointer = Checkpointer(config, model, optimizer, scheduler, train_data, metrics)
     state = checkpointer.restore()
+    guard = NonFiniteGuard(config.train.max_nonfinite_steps, state.extra.get("skipped_steps", 0))
 
     # 5. Train, until the last step or a stop request all ranks agree on.
     stopped = None
@@ -120,13 +122,18 @@ def train(config) -> None:
         with router_statistics(config, microbatches) as router:
             result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
         tokens = real_tokens(batches, group=_data_parallel_group())
+        skipped = guard.record(state.step + 1, result)  # raises after too many in a row, on every rank
+        if skipped:
+            metrics.message(skipped)
+        state.extra["skipped_steps"] = guard.skipped_steps
         state.step += 1
         state.consumed_microbatches += microbatches
         step_time = time.monotonic() - started
 
         if state.step % config.logging.interval == 0 or state.step == config.train.steps:
             metrics.log_step(state.step, step_metrics(result, tokens, step_time, train_data.stats,
-                                                      train_data.last_balance, max_pixels, router.scalars()))
+                                                      train_data.last_balance, max_pixels, router.scalars(),
+                                                      guard.skipped_steps))
             if router.stats:
                 metrics.log_record(state.step, {"moe": router.stats})
                 metrics.log_image("moe/expert_load", expert_load_image(router.stats), state.step)

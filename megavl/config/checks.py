@@ -432,6 +432,7 @@ def validate(config: Config, world_size: int) -> None:
     c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
     c.at_least("checkpoint.keep_last", config.checkpoint.keep_last, 0)
     c.at_least("checkpoint.keep_every", config.checkpoint.keep_every, 0)
+    c.at_least("train.max_nonfinite_steps", config.train.max_nonfinite_steps, 1)
     if config.train.max_wall_time is not None:
         c.positive("train.max_wall_time", config.train.max_wall_time)
     c.at_least("logging.interval", config.logging.interval, 1)

@@ -323,6 +323,9 @@ class TrainConfig:
     # preempted (exit status 75), e.g. a little before a batch job's time limit;
     # leave room for one step and one save. None: no limit.
     max_wall_time: Optional[float] = None
+    # Steps in a row whose loss or gradients may be NaN / inf (each is skipped, not
+    # applied) before the run stops.
+    max_nonfinite_steps: int = 10
     parts: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
 
 

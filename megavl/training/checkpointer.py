@@ -25,6 +25,7 @@ from megavl.config import Config, replace_field
 from megavl.models.parts import trained_parts
 from megavl.training.checkpoint import (
     BackgroundSaves,
+    CheckpointSaveError,
     TrainState,
     latest_checkpoint,
     load_checkpoint,
@@ -32,6 +33,7 @@ from megavl.training.checkpoint import (
     save_checkpoint,
 )
 from megavl.training.checkpoint_files import prune, remove_incomplete
+from megavl.training.nonfinite import parameters_finite
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,10 @@ class Checkpointer:
         self.poll(wait=True)
 
     def _write(self, state: TrainState, background: Optional[BackgroundSaves]) -> None:
+        if not parameters_finite(self.model):
+            raise CheckpointSaveError(
+                f"not saving step {state.step} to {self.dir}: the parameters hold NaN or inf values; "
+                "the previous checkpoint is still the latest")
         self._saved_folder = save_checkpoint(self.dir, self.config, self.model, self.optimizer, self.scheduler,
                                              state, self.data.state_dict(), background=background)
         self._saved_step = state.step

@@ -28,7 +28,7 @@ def real_tokens(batches: list[dict], group) -> int:
 
 
 def step_metrics(result, tokens: int, step_time: float, data_stats, balance, max_pixels: Optional[int],
-                 moe_scalars: Optional[dict]) -> dict:
+                 moe_scalars: Optional[dict], skipped_steps: int = 0) -> dict:
     """The scalars one training step logs (console, metrics.jsonl, TensorBoard)."""
     metrics = {
         "loss": result.loss,
@@ -39,6 +39,8 @@ def step_metrics(result, tokens: int, step_time: float, data_stats, balance, max
         "tokens_per_s": tokens / step_time,
         "packing_efficiency": data_stats.packing_efficiency,
         "skipped_samples": sum(data_stats.skipped.values()),
+        # Steps not applied because their loss or gradients were not finite, since the run began.
+        "skipped_steps": skipped_steps,
     }
     metrics.update({f"skipped/{reason}": n for reason, n in sorted(data_stats.skipped.items())})
     if balance is not None:

@@ -4,10 +4,16 @@ The loss is the sum of per-token losses over answer tokens. megatron's
 ``calculate_per_token_loss`` mode then divides the gradients by the number of
 answer tokens in the whole step (all microbatches, all data-parallel ranks),
 so every answer token weighs the same however the batch is split.
+
+A step whose loss or gradients are not finite (NaN / inf, or no answer tokens
+at all) is not applied: every rank learns it in one collective before the
+optimizer runs, so no parameter, optimizer state or schedule changes
+(``StepResult.nonfinite``); megavl/training/nonfinite.py decides when to stop.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -28,7 +34,8 @@ class StepResult:
     answer_tokens: int
     grad_norm: float
     lr: float
-    skipped: bool
+    skipped: bool  # no update was applied
+    nonfinite: bool = False  # ... because the loss or a gradient was NaN / inf
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -95,17 +102,35 @@ def train_step(
         micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
-    updated, grad_norm, _ = optimizer.step()
+    loss, tokens = reduce_step_loss(losses)
+    finite = _all_finite(model_chunks, loss)
+    updated, grad_norm = False, None
+    if finite:
+        updated, grad_norm, _ = optimizer.step()
     if updated and scheduler is not None:
         scheduler.step(increment=1)
-    loss, tokens = reduce_step_loss(losses)
     return StepResult(
         loss=loss,
         answer_tokens=tokens,
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
         lr=optimizer.param_groups[0]["lr"],
         skipped=not updated,
+        nonfinite=not finite,
     )
+
+
+def _all_finite(model_chunks: list, loss: float) -> bool:
+    """Whether the step's loss and every gradient are finite, agreed by all ranks (one all-reduce).
+
+    The gradient buffers are checked after megatron's reduction: a NaN on any rank reaches the
+    rank that owns that shard, and the flag's all-reduce tells every other rank."""
+    # Accumulated on the device: one host sync for the whole check, not one per buffer.
+    flag = torch.tensor([int(not math.isfinite(loss))], dtype=torch.int32, device=detect().device)
+    for chunk in model_chunks:
+        for buffer in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
+            flag |= (~torch.isfinite(buffer.grad_data).all()).to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def evaluate(config: Config, model_chunks: list, data, microbatches: int) -> float:
