@@ -294,10 +294,21 @@ def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
             t.lr >= t.min_lr,
             f"train.lr = {t.lr}: must be >= train.min_lr ({t.min_lr})",
         )
-    if c.at_least("train.warmup_steps", t.warmup_steps, 0):
+    if c.at_least("train.warmup_steps", t.warmup_steps, 0) and t.warmup_fraction is None:
         c.require(
             t.warmup_steps <= t.steps,
             f"train.warmup_steps = {t.warmup_steps}: must be <= train.steps ({t.steps})",
+        )
+    if t.warmup_fraction is not None:
+        c.probability("train.warmup_fraction", t.warmup_fraction)
+    if t.lr_decay_style == "WSD" and c.require(
+        0.0 < t.wsd_decay_fraction <= 1.0,
+        f"train.wsd_decay_fraction = {t.wsd_decay_fraction}: must be in (0, 1]",
+    ) and t.steps > 0:
+        c.require(
+            t.warmup() + t.wsd_decay_steps() <= t.steps,
+            f"train.wsd_decay_fraction = {t.wsd_decay_fraction}: its {t.wsd_decay_steps()} annealing steps and "
+            f"the {t.warmup()} warmup steps must fit in train.steps ({t.steps})",
         )
     c.at_least("train.weight_decay", t.weight_decay, 0)
     for name in ("adam_beta1", "adam_beta2"):

@@ -47,6 +47,10 @@ __all__ = [
     "IMAGE_BACKENDS",
     "ResumeMode",
     "RESUME_MODES",
+    "LRDecayStyle",
+    "WSDDecayStyle",
+    "LR_DECAY_STYLES",
+    "WSD_DECAY_STYLES",
 ]
 
 RopeKind = Literal["1d", "mrope"]
@@ -60,6 +64,9 @@ VisionMLP = Literal["swiglu", "gelu_quick"]
 ResolutionMode = Literal["native", "fixed", "tiling"]
 FixedFit = Literal["pad", "resize"]
 ImageBackendName = Literal["auto", "dali", "pillow"]
+# megatron's learning-rate decay after warmup; WSD holds the peak, then anneals at the end.
+LRDecayStyle = Literal["cosine", "linear", "constant", "WSD"]
+WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 # auto: a checkpoint.dir holding a complete checkpoint is resumed from when checkpoint.load is unset.
 ResumeMode = Literal["auto", "never"]
 
@@ -74,6 +81,8 @@ RESOLUTION_MODES = get_args(ResolutionMode)
 FIXED_FITS = get_args(FixedFit)
 IMAGE_BACKENDS = get_args(ImageBackendName)
 RESUME_MODES = get_args(ResumeMode)
+LR_DECAY_STYLES = get_args(LRDecayStyle)
+WSD_DECAY_STYLES = get_args(WSDDecayStyle)
 
 
 @dataclass
@@ -308,6 +317,12 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 10
+    # Warmup as a share of train.steps; when set it replaces warmup_steps (see warmup()).
+    warmup_fraction: Optional[float] = None
+    lr_decay_style: LRDecayStyle = "cosine"
+    # WSD: the last wsd_decay_fraction of the steps anneal from lr to min_lr, shaped by wsd_decay_style.
+    wsd_decay_fraction: float = 0.1
+    wsd_decay_style: WSDDecayStyle = "linear"
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -327,6 +342,15 @@ class TrainConfig:
     # applied) before the run stops.
     max_nonfinite_steps: int = 10
     parts: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
+
+    def warmup(self) -> int:
+        """Warmup steps: warmup_fraction of the steps when set, else warmup_steps."""
+        if self.warmup_fraction is not None:
+            return round(self.warmup_fraction * self.steps)
+        return self.warmup_steps
+
+    def wsd_decay_steps(self) -> int:
+        return max(1, round(self.wsd_decay_fraction * self.steps))
 
 
 @dataclass

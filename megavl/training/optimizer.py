@@ -1,4 +1,5 @@
-"""megatron's (distributed) AdamW and its warmup + cosine learning-rate schedule."""
+"""megatron's (distributed) AdamW and its learning-rate schedule: linear warmup, then cosine,
+linear, constant or WSD (warmup-stable-decay) decay to train.min_lr."""
 
 from __future__ import annotations
 
@@ -81,16 +82,18 @@ def build_scheduler(config: Config, optimizer) -> OptimizerParamScheduler:
     t = config.train
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if t.warmup_steps else t.lr,
+        init_lr=0.0 if t.warmup() else t.lr,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps,
+        lr_warmup_steps=t.warmup(),
         lr_decay_steps=t.steps,
-        lr_decay_style="cosine",
+        lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
+        wsd_decay_steps=t.wsd_decay_steps() if t.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style=t.wsd_decay_style if t.lr_decay_style == "WSD" else None,
     )
 
 
