@@ -215,3 +215,25 @@ def test_tokenizer_must_agree_with_model_image_token(tokenizer):
     config.model.lm.image_token_id = 5
     with pytest.raises(ValueError, match="image_token_id"):
         SampleEncoder(tokenizer, config, seed=0)
+
+
+def test_all_text_loss_scope_trains_every_token_after_the_system_prompt_but_the_images(tokenizer):
+    config = make_config()
+    answers = SampleEncoder(tokenizer, config, seed=0).encode(two_turn_record(), [fake_image(4, 4), fake_image(6, 8)])
+    config.train.loss_scope = "all_text"
+    sample = SampleEncoder(tokenizer, config, seed=0).encode(two_turn_record(), [fake_image(4, 4), fake_image(6, 8)])
+    assert sample.tokens == answers.tokens
+
+    im_end = ids(tokenizer, "<|im_end|>")
+    system_end = sample.tokens.index(im_end) + 1  # the newline after the system block's <|im_end|>
+    image_span = {ids(tokenizer, t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")}
+    # Position i is trained when tokens[i + 1] is a target.
+    expected = [i for i in range(len(sample.tokens) - 1)
+                if i + 1 > system_end and sample.tokens[i + 1] not in image_span]
+    trained = [i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX]
+    assert trained == expected
+    assert all(sample.labels[i] == sample.tokens[i + 1] for i in trained)
+    # Role headers and questions now count; every answer target still does.
+    answer_targets = {i for i, label in enumerate(answers.labels) if label != IGNORE_INDEX}
+    assert answer_targets < set(trained)
+    assert len(trained) - len(answer_targets) > 20

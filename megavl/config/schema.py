@@ -47,6 +47,8 @@ __all__ = [
     "IMAGE_BACKENDS",
     "ResumeMode",
     "RESUME_MODES",
+    "LossScope",
+    "LOSS_SCOPES",
     "LRDecayStyle",
     "WSDDecayStyle",
     "LR_DECAY_STYLES",
@@ -67,6 +69,9 @@ ImageBackendName = Literal["auto", "dali", "pillow"]
 # megatron's learning-rate decay after warmup; WSD holds the peak, then anneals at the end.
 LRDecayStyle = Literal["cosine", "linear", "constant", "WSD"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
+# Which tokens are targets: the assistant answers, or all text after the system
+# prompt (image tokens never are), as alignment stages train.
+LossScope = Literal["answers", "all_text"]
 # auto: a checkpoint.dir holding a complete checkpoint is resumed from when checkpoint.load is unset.
 ResumeMode = Literal["auto", "never"]
 
@@ -81,6 +86,7 @@ RESOLUTION_MODES = get_args(ResolutionMode)
 FIXED_FITS = get_args(FixedFit)
 IMAGE_BACKENDS = get_args(ImageBackendName)
 RESUME_MODES = get_args(ResumeMode)
+LOSS_SCOPES = get_args(LossScope)
 LR_DECAY_STYLES = get_args(LRDecayStyle)
 WSD_DECAY_STYLES = get_args(WSDDecayStyle)
 
@@ -328,6 +334,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # answers: the assistant's answers (and their end-of-turn token); all_text: every token
+    # after the system prompt except the images'. Either way normalised per optimizer step.
+    loss_scope: LossScope = "answers"
     dtype: DType = "fp32"
     dropout: float = 0.0
     # Std of the normal initialisation (residual outputs are scaled by 1/sqrt(2 * layers)).

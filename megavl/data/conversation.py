@@ -134,6 +134,9 @@ class SampleEncoder:
         if placeholders != len(images):
             raise ValueError(f"record {name}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
         masked = self.uses_conversation_mask(record)
+        # all_text: everything after the system prompt is a target except the image spans.
+        all_text = self.config.train.loss_scope == "all_text"
+        after_system = False
 
         tokens: list[int] = []
         trained: list[bool] = []  # whether a token is a target
@@ -141,7 +144,7 @@ class SampleEncoder:
 
         def add(ids: list[int], turn: int, target: bool = False) -> None:
             tokens.extend(ids)
-            trained.extend([target] * len(ids))
+            trained.extend([target or (all_text and after_system)] * len(ids))
             turns.extend([turn if masked else 0] * len(ids))
 
         def add_text(text: str, turn: int, target: bool = False) -> None:
@@ -157,6 +160,7 @@ class SampleEncoder:
         add([self.im_start] + self._text("system\n"), 0)
         add_text(system, 0)
         add([self.im_end] + self._newline, 0)
+        after_system = True
 
         image_iter = iter(images)
         flat_images: list[ImagePatches] = []

@@ -1,6 +1,7 @@
 """One optimizer step through megatron's forward-backward schedule.
 
-The loss is the sum of per-token losses over answer tokens. megatron's
+The loss is the sum of per-token losses over the target tokens (the answers,
+or all text under ``train.loss_scope: all_text``; "answer tokens" below). megatron's
 ``calculate_per_token_loss`` mode then divides the gradients by the number of
 answer tokens in the whole step (all microbatches, all data-parallel ranks),
 so every answer token weighs the same however the batch is split.
