@@ -237,3 +237,26 @@ def test_all_text_loss_scope_trains_every_token_after_the_system_prompt_but_the_
     answer_targets = {i for i, label in enumerate(answers.labels) if label != IGNORE_INDEX}
     assert answer_targets < set(trained)
     assert len(trained) - len(answer_targets) > 20
+
+
+def test_add_bos_starts_every_example_with_the_bos_token_and_never_trains_it(tokenizer):
+    config = make_config()
+    plain = SampleEncoder(tokenizer, config, seed=0).encode(two_turn_record(), [fake_image(4, 4), fake_image(6, 8)])
+    config.data.add_bos = True
+    config.data.bos_token = "<|endoftext|>"
+    sample = SampleEncoder(tokenizer, config, seed=0).encode(two_turn_record(), [fake_image(4, 4), fake_image(6, 8)])
+    bos = ids(tokenizer, "<|endoftext|>")
+    assert sample.tokens == [bos] + plain.tokens
+    assert sample.labels == [IGNORE_INDEX] + plain.labels
+    assert sample.turn_ids[0] == 0 and sample.turn_ids[1:] == plain.turn_ids
+
+
+def test_add_bos_needs_a_bos_token_the_tokenizer_knows(tokenizer):
+    config = make_config()
+    config.data.add_bos = True
+    assert tokenizer.bos_token is None  # megavl's tokenizers, like Qwen's, have none
+    with pytest.raises(ValueError, match="data.add_bos = true but the tokenizer has no BOS token"):
+        SampleEncoder(tokenizer, config, seed=0)
+    config.data.bos_token = "<no-such-token>"
+    with pytest.raises(ValueError, match="data.bos_token = '<no-such-token>': not a token of the tokenizer"):
+        SampleEncoder(tokenizer, config, seed=0)

@@ -254,6 +254,10 @@ class DataConfig:
     max_pixels_schedule: MaxPixelScheduleConfig = field(default_factory=MaxPixelScheduleConfig)
     # Images larger than this are refused before decoding (decompression bombs).
     max_image_pixels: int = 64_000_000
+    # Start every example with the tokenizer's BOS token (or data.bos_token), as models
+    # pretrained with one expect; never a target.
+    add_bos: bool = False
+    bos_token: Optional[str] = None
     conversation_mask_prob: float = 0.5
     grounding_conversation_mask_prob: float = 0.7
     max_images_per_pack: int = 8

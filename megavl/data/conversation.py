@@ -113,6 +113,21 @@ class SampleEncoder:
         # image-token accounting or the turn layout, so such text is refused.
         self._structural = {self.im_start, self.im_end, self.image_pad, self.vision_start, self.vision_end}
         self._newline = self._text("\n")
+        self.bos = self._bos_id(tokenizer, config) if config.data.add_bos else None
+
+    @staticmethod
+    def _bos_id(tokenizer, config: Config) -> int:
+        token = config.data.bos_token or getattr(tokenizer, "bos_token", None)
+        if not token:
+            raise ValueError(
+                "data.add_bos = true but the tokenizer has no BOS token (its bos_token is unset): "
+                "name one with data.bos_token"
+            )
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None) or \
+                tokenizer.convert_ids_to_tokens(token_id) != token:
+            raise ValueError(f"data.bos_token = {token!r}: not a token of the tokenizer")
+        return token_id
 
     def _text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -153,6 +168,8 @@ class SampleEncoder:
                 raise ValueError(f"record {name}: message text contains chat or vision special tokens")
             add(ids, turn, target)
 
+        if self.bos is not None:
+            add([self.bos], 0)
         if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
         else:
