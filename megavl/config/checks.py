@@ -52,9 +52,17 @@ def _check_choices(c: _Checks, section: Any, prefix: str) -> None:
         value, path = getattr(section, f.name), f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(value):
             _check_choices(c, value, path)
-        elif typing.get_origin(hints[f.name]) is Literal:
-            allowed = typing.get_args(hints[f.name])
-            c.require(value in allowed, f"{path} = {value!r}: must be one of {', '.join(allowed)}")
+        else:
+            hint = hints[f.name]
+            optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+            if optional:  # Optional[Literal[...]]: None, or one of the values
+                if value is None:
+                    continue
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            if typing.get_origin(hint) is Literal:
+                allowed = typing.get_args(hint)
+                c.require(value in allowed, f"{path} = {value!r}: must be one of {', '.join(allowed)}"
+                          + (" (or null)" if optional else ""))
 
 
 def _head_dim_checks(c: _Checks, section: str, hidden: int, heads: int, tp: int) -> Optional[int]:

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from megavl.config.stages import with_stage_preset
 from megavl.config.errors import ConfigError, report_problems
 from megavl.config.schema import Config
 
@@ -239,7 +240,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
         overrides = [overrides]
     for text in overrides:
         _apply_override(data, text)
-    return config_from_dict(data)
+    return config_from_dict(with_stage_preset(data))
 
 
 

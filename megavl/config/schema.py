@@ -47,6 +47,8 @@ __all__ = [
     "IMAGE_BACKENDS",
     "ResumeMode",
     "RESUME_MODES",
+    "Stage",
+    "STAGES",
     "LossScope",
     "LOSS_SCOPES",
     "LRDecayStyle",
@@ -69,6 +71,8 @@ ImageBackendName = Literal["auto", "dali", "pillow"]
 # megatron's learning-rate decay after warmup; WSD holds the peak, then anneals at the end.
 LRDecayStyle = Literal["cosine", "linear", "constant", "WSD"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
+# A training stage whose preset settings become the config's defaults (megavl/config/stages.py).
+Stage = Literal["align", "pretrain", "sft"]
 # Which tokens are targets: the assistant answers, or all text after the system
 # prompt (image tokens never are), as alignment stages train.
 LossScope = Literal["answers", "all_text"]
@@ -87,6 +91,7 @@ FIXED_FITS = get_args(FixedFit)
 IMAGE_BACKENDS = get_args(ImageBackendName)
 RESUME_MODES = get_args(ResumeMode)
 LOSS_SCOPES = get_args(LossScope)
+STAGES = get_args(Stage)
 LR_DECAY_STYLES = get_args(LRDecayStyle)
 WSD_DECAY_STYLES = get_args(WSDDecayStyle)
 
@@ -319,6 +324,8 @@ TRAINABLE_PARTS = tuple(f.name for f in fields(TrainablePartsConfig) if f.defaul
 
 @dataclass
 class TrainConfig:
+    # None: no preset; otherwise the stage's settings are this config's defaults.
+    stage: Optional[Stage] = None
     steps: int = 100
     seed: int = 1234
     micro_batch_size: int = 1

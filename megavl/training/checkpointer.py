@@ -62,6 +62,23 @@ def with_resume_resolved(config: Config, metrics) -> Config:
     return replace_field(config, "checkpoint.load", c.dir)
 
 
+def stage_lineage(pretrained: str) -> list[dict]:
+    """The stages that led to the weights in ``pretrained``: what its own checkpoint recorded,
+    plus that checkpoint itself (a weights-only folder, e.g. a converted model, has no stage)."""
+    from megatron.core import dist_checkpointing
+
+    folder = latest_checkpoint(pretrained)
+    common = dist_checkpointing.load_common_state_dict(folder)
+    train_state = common.get("train_state") or {}
+    stored = common.get("config") or {}
+    earlier = list((train_state.get("extra") or {}).get("lineage", []))
+    return earlier + [{
+        "stage": (stored.get("train") or {}).get("stage"),
+        "checkpoint": os.path.abspath(folder),
+        "step": train_state.get("step"),
+    }]
+
+
 class Checkpointer:
     def __init__(self, config: Config, model, optimizer, scheduler, data, metrics):
         self.config = config
@@ -86,6 +103,12 @@ class Checkpointer:
             fresh = load_model_weights(self.model, c.pretrained, allow_fresh_adapters=True)
             self.metrics.message(f"started from the weights in {c.pretrained}"
                                  + (f" ({len(fresh)} vision-adapter tensors start fresh)" if fresh else ""))
+            state.extra["lineage"] = stage_lineage(c.pretrained)
+        lineage = state.extra.get("lineage")
+        if lineage:
+            self.metrics.message("stage lineage: " + " -> ".join(
+                f"{entry['stage'] or 'weights'} ({entry['checkpoint']}, step {entry['step']})" for entry in lineage)
+                + f" -> {self.config.train.stage or 'this run'}")
         self._start_step = state.step
         return state
 
