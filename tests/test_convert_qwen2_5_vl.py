@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -13,7 +14,8 @@ from safetensors.torch import save_file
 
 from conftest import run_torchrun
 from workers.convert_tiny_models import (
-    TOKENS, copy_config_only, edit_architectures, megavl_tensors, quiet, read_all_tensors, save_tiny_model,
+    TOKENS, collapse_document_ids, copy_config_only, edit_architectures, megavl_tensors, quiet, read_all_tensors,
+    save_tiny_model,
 )
 
 KIND = "qwen2_5_vl"
@@ -41,6 +43,14 @@ def test_import_reproduces_hf_logits_and_positions(imported):
     check = result.verification
     assert check.position_mismatches == 0, check.describe()
     assert check.max_abs_diff <= TOLERANCE, check.describe()
+    # Both inputs were checked: one document, and a packed row of several documents with
+    # images of different sizes spread over them and trailing padding.
+    assert [c.name for c in check.inputs] == ["one document", "packed row"]
+    packed = check.input("packed row")
+    assert len(packed.document_tokens) == 3 and packed.padding > 0
+    assert len({tuple(grid) for grid in packed.image_grids}) == 3
+    assert len(packed.document_max_abs_diffs) == 3 and packed.ok
+    assert "one document OK" in check.describe() and "packed row OK" in check.describe()
     assert result.config.model.lm.image_attention == "causal"
     assert result.config.model.vision.full_attention_layers == [2]
     assert "image_attention: causal" in (out / "megavl_config.yaml").read_text()
@@ -108,6 +118,49 @@ def test_round_trips_are_bit_identical_and_export_loads_in_transformers(hf, impo
     theirs, _ = hf_logits_and_positions(original, batch, TOKENS["image_token_id"])
     ours, _ = hf_logits_and_positions(loaded.float(), batch, TOKENS["image_token_id"])
     assert torch.equal(theirs, ours)
+
+
+def test_packed_check_fails_when_packed_documents_see_each_other(imported, tmp_path, monkeypatch):
+    from megavl.convert import export_to_hf
+
+    ckpt, _ = imported
+    collapse_document_ids(monkeypatch)
+    export = export_to_hf(str(ckpt), str(tmp_path / "hf_out"), verify=True, log=quiet)
+    check = export.verification
+    assert not check.ok
+    single, packed = check.input("one document"), check.input("packed row")
+    assert single.ok, check.describe()
+    assert not packed.ok and packed.position_mismatches == 0
+    # The first document has nothing before it to see; the later ones see their predecessors.
+    first, *later = packed.document_max_abs_diffs
+    assert first <= TOLERANCE and all(d > TOLERANCE for d in later), check.describe()
+    assert "one document OK" in check.describe() and "packed row FAILED" in check.describe()
+
+
+def test_packed_check_fails_when_positions_run_on_across_documents(imported, tmp_path, monkeypatch, capsys):
+    """RoPE is relative, so isolated documents whose positions continue along the row keep their
+    logits; the per-document comparison with get_rope_index still refuses the row, and the tool exits 1."""
+    import megavl.convert.verify as verify
+    from tools.convert_to_hf import main
+
+    real = verify.pack_row
+
+    def numbered_along_the_row(samples, seq_length, *args, **kwargs):
+        row = real(samples, seq_length, *args, **kwargs)
+        start = 0
+        for sample in samples:
+            row["position_ids"][:, start:start + len(sample)] += start
+            start += len(sample)
+        return row
+
+    monkeypatch.setattr(verify, "pack_row", numbered_along_the_row)
+    assert main(["--load", str(imported[0]), "--out", str(tmp_path / "hf_out")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"one document OK: .*mrope positions match get_rope_index$", err, re.MULTILINE), err
+    packed = re.search(r"packed row FAILED: .*max \|logit diff\| = (\S+) .*"
+                       r"mrope positions differ from get_rope_index per document at [1-9]\d* entries$",
+                       err, re.MULTILINE)
+    assert packed and float(packed.group(1)) <= TOLERANCE, err
 
 
 def test_export_reads_a_training_checkpoint_and_its_stored_config(imported, tmp_path):
@@ -261,7 +314,7 @@ def test_export_leaves_out_disabled_vision_lora_and_the_standard_class_refuses_a
 
 @pytest.mark.slow
 def test_tp2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
-    from megavl.convert.verify import hf_logits_and_positions, reserved_token_ids, verification_batch
+    from megavl.convert.verify import compare, hf_document_outputs, reserved_token_ids, verification_inputs
 
     hf_dir, original = hf
     ckpt, result = imported
@@ -269,7 +322,10 @@ def test_tp2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
         "--load", str(ckpt), "--hf", str(hf_dir), "--set", "parallel.tensor=2", "--out", str(tmp_path / "tp2.pt"),
     ])
     tp2 = torch.load(tmp_path / "tp2.pt", weights_only=True)
-    batch = verification_batch(result.config, reserved_token_ids(json.loads((hf_dir / "config.json").read_text())))
-    reference, _ = hf_logits_and_positions(original, batch, TOKENS["image_token_id"])
-    assert tp2.shape == reference.shape
-    assert (tp2 - reference).abs().max().item() <= TOLERANCE
+    inputs = verification_inputs(result.config, reserved_token_ids(json.loads((hf_dir / "config.json").read_text())))
+    assert sorted(tp2) == sorted(each.name for each in inputs)
+    for each in inputs:
+        reference, positions = hf_document_outputs(original, each, result.config)
+        row_positions = each.batch(result.config)["position_ids"]
+        check = compare(each, tp2[each.name], reference, TOLERANCE, row_positions, positions)
+        assert check.ok, check.describe()

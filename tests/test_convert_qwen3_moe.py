@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import run_torchrun
 from workers.convert_tiny_models import (
-    copy_config_only, megavl_tensors, quiet, read_all_tensors, save_tiny_model,
+    collapse_document_ids, copy_config_only, megavl_tensors, quiet, read_all_tensors, save_tiny_model,
 )
 from workers.convert_tiny_moe_models import save_tiny_qwen3_moe
 
@@ -50,6 +50,26 @@ def test_import_reproduces_lm_logits_and_vision_embeddings(imported):
     assert (lm.vision_lora.mlp_rank, lm.vision_lora.attn_rank) == (0, 0)
     text = (out / "megavl_config.yaml").read_text()
     assert "image_attention: causal" in text and "Qwen3MoeForCausalLM" in text
+
+
+def test_import_checks_the_lm_on_one_document_and_on_a_packed_row(imported):
+    check = imported[1].verification
+    assert [c.name for c in check.text] == ["one document", "packed row"]
+    packed = check.input("packed row")
+    assert len(packed.document_tokens) == 3 and packed.padding > 0
+    assert packed.ok and packed.position_mismatches == 0, check.describe()
+
+
+def test_packed_check_fails_when_packed_documents_see_each_other(imported, tmp_path, monkeypatch):
+    from megavl.convert import export_language_model
+
+    collapse_document_ids(monkeypatch)
+    check = export_language_model(str(imported[0]), str(tmp_path / "lm"), verify=True, log=quiet).verification
+    assert not check.ok
+    assert check.input("one document").ok, check.describe()
+    first, *later = check.input("packed row").document_max_abs_diffs
+    assert first <= TOLERANCE and all(d > TOLERANCE for d in later), check.describe()
+    assert "LM, one document OK" in check.describe() and "LM, packed row FAILED" in check.describe()
 
 
 def test_tied_embeddings_import(hf, megatron_world, tmp_path):
@@ -191,8 +211,8 @@ def test_whole_model_export_refuses_the_moe_lm(imported, tmp_path):
 
 @pytest.mark.slow
 def test_ep2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
-    from megavl.convert.verify import reserved_token_ids
-    from megavl.convert.verify_pairing import hf_text_logits, text_batch
+    from megavl.convert.verify import compare, reserved_token_ids
+    from megavl.convert.verify_pairing import hf_text_logits, text_inputs
 
     ckpt, result = imported
     run_torchrun(2, "convert_moe_logits.py", [
@@ -202,6 +222,9 @@ def test_ep2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
     reserved = set()
     for name in ("hf_config.json", "hf_vision_config.json"):
         reserved |= reserved_token_ids(json.loads((ckpt / name).read_text()))
-    reference = hf_text_logits(hf[2], text_batch(result.config, reserved))
-    assert ep2.shape == reference.shape
-    assert (ep2 - reference).abs().max().item() <= TOLERANCE
+    inputs = text_inputs(result.config, reserved)
+    assert sorted(ep2) == sorted(each.name for each in inputs)
+    for each in inputs:
+        reference = [hf_text_logits(hf[2], batch) for batch in each.document_batches(result.config)]
+        check = compare(each, ep2[each.name], reference, TOLERANCE)
+        assert check.ok, check.describe()

@@ -87,6 +87,34 @@ def test_export_loads_with_remote_code_and_matches_megavl(imported, tmp_path, im
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
 
 
+def test_packed_check_fails_when_images_see_the_images_of_other_documents(imported, tmp_path, monkeypatch):
+    """Bidirectional image attention that ignored document boundaries: the packed row's first and
+    last documents both hold images, so their image tokens would see each other."""
+    from megavl.attention.mask import TEXT_IMAGE_ID
+    from megavl.convert import export_to_hf
+    from megavl.models import inputs
+
+    real = inputs.vlm_mask_mod
+
+    def images_across_documents(document_ids, image_ids, turn_ids, bidirectional_images=True):
+        allowed = real(document_ids, image_ids, turn_ids, bidirectional_images)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            both_vision = (image_ids[b, q_idx] != TEXT_IMAGE_ID) & (image_ids[b, kv_idx] != TEXT_IMAGE_ID)
+            return allowed(b, h, q_idx, kv_idx) | both_vision
+
+        return mask_mod
+
+    with_megavl_features(imported / "ckpt", tmp_path / "features", mlp_rank=0, attn_rank=0)
+    monkeypatch.setattr(inputs, "vlm_mask_mod", images_across_documents)
+    check = export_to_hf(str(tmp_path / "features"), str(tmp_path / "hf_out"), verify=True, log=quiet).verification
+    assert not check.ok
+    assert check.input("one document").ok, check.describe()
+    with_images, text_only, image_first = check.input("packed row").document_max_abs_diffs
+    assert text_only <= TOLERANCE, check.describe()
+    assert with_images > TOLERANCE and image_first > TOLERANCE, check.describe()
+
+
 def exported_model(imported, tmp_path):
     """(config, verification batch, the remote-code model) of an export with both features."""
     from transformers import AutoModelForImageTextToText

@@ -1,10 +1,13 @@
 """Checks a Qwen3-MoE + Qwen2.5-VL-vision conversion part by part.
 
 No Hugging Face model holds the pair, so each part is compared with the
-model it came from: the LM's logits on a text-only input with
-Qwen3MoeForCausalLM's, and the vision tower + adapter's image embeddings with
-the Qwen2.5-VL model's visual module (its patch merger's output). Models run
-one after the other in fp32, so only one is in memory at a time.
+model it came from: the LM's logits with Qwen3MoeForCausalLM's on two
+text-only inputs, one document and a packed row of three documents with
+trailing padding (each document run through Qwen3MoeForCausalLM alone, its
+logits compared at its place in the row, padding not compared); and the vision
+tower + adapter's image embeddings with the Qwen2.5-VL model's visual module
+(its patch merger's output). Models run one after the other in fp32, so only
+one is in memory at a time.
 """
 
 from __future__ import annotations
@@ -18,49 +21,79 @@ import torch
 from megavl.config import Config
 from megavl.convert.verify import (
     DEFAULT_TOLERANCE,
+    ONE_DOCUMENT,
+    PACKED_PADDING,
+    PACKED_ROW,
+    InputCheck,
+    VerificationInput,
+    compare,
+    document,
+    find_input,
+    largest,
     load_megavl_for_verification,
     megavl_logits,
     random_text,
     verification_images,
 )
-from megavl.data.batch import Sample, collate_rows, pack_row
-from megavl.models.inputs import IGNORE_INDEX
 
 TEXT_TOKENS = 24
+# Token counts of the packed text row's documents (before its PACKED_PADDING).
+PACKED_TEXT_TOKENS = (9, 6, 11)
+# The LM takes no position ids from the input: its positions are 0, 1, ... per call.
+HF_TEXT_POSITIONS = ("positions", "Qwen3MoeForCausalLM's 0, 1, ...")
 
 
 @dataclass
 class PairVerifyResult:
-    text_max_abs_diff: float
+    # The LM's checks, one per text input.
+    text: list[InputCheck]
     # None when only the language model was compared (an LM-only export).
     vision_max_abs_diff: Optional[float]
     tolerance: float
-    tokens: int
     image_grids: list
+
+    def input(self, name: str) -> InputCheck:
+        return find_input(self.text, name)
+
+    @property
+    def text_max_abs_diff(self) -> float:
+        return largest(check.max_abs_diff for check in self.text)
+
+    @property
+    def vision_ok(self) -> bool:
+        return self.vision_max_abs_diff is None or self.vision_max_abs_diff <= self.tolerance
 
     @property
     def ok(self) -> bool:
-        diffs = [self.text_max_abs_diff] + ([] if self.vision_max_abs_diff is None else [self.vision_max_abs_diff])
-        return all(d <= self.tolerance for d in diffs)
+        return all(check.ok for check in self.text) and self.vision_ok
 
     def describe(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
-        text = f"LM: max |logit diff| = {self.text_max_abs_diff:.3e} on {self.tokens} text tokens"
-        vision = (
-            "" if self.vision_max_abs_diff is None
-            else f"; vision tower + adapter: max |embedding diff| = {self.vision_max_abs_diff:.3e} "
-                 f"on images {self.image_grids} (t,h,w patches)"
-        )
-        return f"verification {verdict}: {text}{vision} (tolerance {self.tolerance:.0e})"
+        lines = [f"verification {verdict} (tolerance {self.tolerance:.0e}):"]
+        lines += [f"  {check.describe(label='LM, ')}" for check in self.text]
+        if self.vision_max_abs_diff is not None:
+            lines.append(
+                f"  vision tower + adapter {'OK' if self.vision_ok else 'FAILED'}: max |embedding diff| = "
+                f"{self.vision_max_abs_diff:.3e} on images {self.image_grids} (t,h,w patches)"
+            )
+        return "\n".join(lines)
+
+
+def text_inputs(config: Config, reserved: Iterable[int] = ()) -> list[VerificationInput]:
+    """One document of random text tokens (no special tokens), and a packed row of three
+    such documents with trailing padding."""
+    single = VerificationInput(ONE_DOCUMENT, [document(config, [TEXT_TOKENS], random_text(config, reserved), "verify")])
+    text = random_text(config, reserved)
+    packed = VerificationInput(
+        PACKED_ROW, [document(config, [n], text, f"verify-{i}") for i, n in enumerate(PACKED_TEXT_TOKENS)],
+        padding=PACKED_PADDING,
+    )
+    return [single, packed]
 
 
 def text_batch(config: Config, reserved: Iterable[int] = ()) -> dict:
-    """One row of random text tokens (no special tokens), as megavl's loader collates it."""
-    lm = config.model.lm
-    tokens = random_text(config, reserved)(TEXT_TOKENS)
-    n = len(tokens)
-    sample = Sample(tokens=tokens, labels=[IGNORE_INDEX] * n, turn_ids=[0] * n, images=[], key="verify")
-    return collate_rows([pack_row([sample], n, lm.image_token_id, config.model.vision.spatial_merge_size)])
+    """The one-document text input as megavl's loader collates it."""
+    return text_inputs(config, reserved)[0].batch(config)
 
 
 def image_inputs(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,23 +136,34 @@ def verify_pairing(
     reserved: Iterable[int] = (),
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> PairVerifyResult:
-    """The megavl checkpoint's LM against Qwen3MoeForCausalLM in lm_dir and (vision_dir
-    given) its vision tower + adapter against the Qwen2.5-VL model there."""
+    """The megavl checkpoint's LM against Qwen3MoeForCausalLM in lm_dir on text_inputs and
+    (vision_dir given) its vision tower + adapter against the Qwen2.5-VL model there."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3MoeForCausalLM
 
     from megavl.convert.megavl_model import single_process_config
 
     fp32 = single_process_config(config, dtype="fp32")
-    batch = text_batch(fp32, reserved)
+    inputs = text_inputs(fp32, reserved)
+    rows = [text_input.batch(fp32) for text_input in inputs]
     model = load_megavl_for_verification(fp32, megavl_dir)
-    ours_text = megavl_logits(model, fp32, batch)
+    ours_text = [megavl_logits(model, fp32, row) for row in rows]
     pixels, grids = image_inputs(fp32)
     ours_images = megavl_image_embeddings(model, pixels, grids) if vision_dir else None
     del model
     gc.collect()
 
     lm = Qwen3MoeForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, local_files_only=True)
-    text_diff = _max_diff(ours_text, hf_text_logits(lm, batch), "logit")
+    text_checks = []
+    for text_input, row, ours in zip(inputs, rows, ours_text):
+        batches = text_input.document_batches(fp32)
+        # Given no position ids, the LM numbers each input 0, 1, ... (1D RoPE); megavl's row must
+        # restart so at every document. RoPE is relative, so the logits of isolated documents
+        # would not show a row that numbered on across them.
+        hf_positions = [torch.arange(b["tokens"].shape[1]).view(1, 1, -1) for b in batches]
+        text_checks.append(compare(
+            text_input, ours, [hf_text_logits(lm, b) for b in batches], tolerance,
+            row["position_ids"][:1], hf_positions, HF_TEXT_POSITIONS,
+        ))
     del lm
     gc.collect()
     vision_diff = None
@@ -129,10 +173,8 @@ def verify_pairing(
         del vl
         gc.collect()
     return PairVerifyResult(
-        text_max_abs_diff=text_diff,
+        text=text_checks,
         vision_max_abs_diff=vision_diff,
         tolerance=tolerance,
-        tokens=int(batch["tokens"].numel()),
         image_grids=grids.tolist() if vision_dir else [],
     )
-

@@ -1,5 +1,6 @@
-"""Loads a converted megavl checkpoint under a parallel layout and saves its logits on the
-verification batch; launched by torchrun from the converter tests."""
+"""Loads a converted megavl checkpoint under a parallel layout and saves its logits on each
+verification input (one document, the packed row), by name; launched by torchrun from the
+converter tests."""
 
 import argparse
 import json
@@ -16,14 +17,14 @@ def parse_args():
     parser.add_argument("--load", required=True, help="converted checkpoint (with megavl_config.yaml)")
     parser.add_argument("--hf", required=True, help="the Hugging Face folder it came from (token ids)")
     parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[])
-    parser.add_argument("--out", required=True, help="where rank 0 saves the logits (torch.save)")
+    parser.add_argument("--out", required=True, help="where rank 0 saves {input name: logits} (torch.save)")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
     from megavl.config import load_config
-    from megavl.convert.verify import megavl_logits, reserved_token_ids, verification_batch
+    from megavl.convert.verify import megavl_logits, reserved_token_ids, verification_inputs
     from megavl.models.build import build_model
     from megavl.platform.distributed import init_distributed, shutdown
     from megavl.training.checkpoint import load_model_weights
@@ -34,7 +35,8 @@ def main():
         reserved = reserved_token_ids(json.load(f))
     model = build_model(config)
     load_model_weights(model, args.load)
-    logits = megavl_logits(model, config, verification_batch(config, reserved))
+    logits = {each.name: megavl_logits(model, config, each.batch(config))
+              for each in verification_inputs(config, reserved)}
     if layout.rank == 0:
         torch.save(logits, args.out)
     shutdown()

@@ -125,3 +125,16 @@ def megavl_tensors(folder) -> dict[str, torch.Tensor]:
     model = build_single_process_model(load_megavl_config(str(folder)))
     load_model_weights(model, str(folder))
     return {k: v.detach().clone() for k, v in model_tensors(model).items()}
+
+
+def collapse_document_ids(monkeypatch) -> None:
+    """A megavl bug for the verification to catch: the forward builds its attention mask as if a
+    packed row were one document (padding keeps its own id)."""
+    from megavl.models import inputs
+
+    real = inputs.attention_mask_for
+
+    def collapsed(batch, bidirectional_images, backend):
+        return real({**batch, "document_ids": batch["document_ids"].clamp(max=0)}, bidirectional_images, backend)
+
+    monkeypatch.setattr(inputs, "attention_mask_for", collapsed)
