@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo recipe-demo clean
 
 setup: $(VENV)/.installed
 
@@ -35,5 +35,26 @@ $(DATA)/train/.nv-meta/split.yaml: | setup
 demo: setup $(DATA)/train/.nv-meta/split.yaml
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml
 
+# Three stages chained on the tiny model, each from the previous one's weights (fresh optimizer
+# and schedule): align (adapter only, all text), pretrain (everything, answers), sft.
+RECIPE := runs/recipe-demo
+STAGE := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml --set
+recipe-demo: setup $(DATA)/train/.nv-meta/split.yaml
+	$(STAGE) train.stage=align train.steps=30 train.warmup_steps=3 train.lr=3e-3 checkpoint.resume=never \
+		logging.dir=$(RECIPE)/1_align checkpoint.dir=$(RECIPE)/1_align/checkpoints
+	$(STAGE) train.stage=pretrain train.steps=40 train.warmup_steps=4 checkpoint.resume=never \
+		checkpoint.pretrained=$(RECIPE)/1_align/checkpoints \
+		logging.dir=$(RECIPE)/2_pretrain checkpoint.dir=$(RECIPE)/2_pretrain/checkpoints
+	$(STAGE) train.stage=sft train.steps=20 train.warmup_steps=2 train.lr=3e-4 train.min_lr=1e-5 checkpoint.resume=never \
+		checkpoint.pretrained=$(RECIPE)/2_pretrain/checkpoints \
+		logging.dir=$(RECIPE)/3_sft checkpoint.dir=$(RECIPE)/3_sft/checkpoints
+
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Puts each curated bug of tools/mutations.py into a temporary copy of the repository and fails
+# if the tests meant to catch it pass (about 12 minutes on 2 cores). Pass options with
+# MUTANTS_ARGS, e.g. make mutants MUTANTS_ARGS="--only loss-per-microbatch --baseline".
+.PHONY: mutants
+mutants: setup
+	$(PY) tools/mutants.py $(MUTANTS_ARGS)
