@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py tools/install_system_packages.sh
 	touch $@
 
 test: setup
-	MEGAVL_REQUIRE_DALI=1 $(PY) -m pytest -q
+	MEGAVL_REQUIRE_DALI=1 $(PY) -m pytest -q --durations=25
 
 # Skips the multi-process torchrun tests; for quick iterations only.
 test-fast: setup
