@@ -88,6 +88,20 @@ def test_assignment_is_a_permutation_that_never_raises_the_maximum(ranks, m):
             assert max(after) < max(before)  # moving packs must buy something
 
 
+@pytest.mark.parametrize("ranks,m", [(2, 2), (3, 3), (4, 2), (4, 4)])
+def test_ties_between_loads_still_give_every_rank_m_packs(ranks, m):
+    """Small counts from a few values make equal loads common: the tie-breaks must never
+    give a group more than m packs (exchange_packs would refuse it in training)."""
+    rng = random.Random(ranks * 10 + m)
+    for _ in range(300):
+        counts = [[rng.choice((0, 1, 2, 3, 5)) for _ in range(m)] for _ in range(ranks)]
+        assignment = balance_assignment(counts)
+        check_is_assignment(counts, assignment)
+        assert max(assigned_loads(counts, assignment)) <= max(sum(row) for row in counts)
+    counts = [[1, 1], [1, 3], [2, 5], [5, 1]]
+    check_is_assignment(counts, balance_assignment(counts))
+
+
 def test_assignment_is_deterministic():
     rng = random.Random(11)
     for _ in range(20):
@@ -127,6 +141,8 @@ def test_small_random_cases_are_near_the_optimum():
 def test_packs_stay_home_unless_moving_them_lowers_the_maximum():
     # Already balanced: nothing moves.
     assert packs_moved(balance_assignment([[10, 0], [0, 10]])) == 0
+    # Balancing could only reach the same maximum (5846): nothing moves for nothing.
+    assert packs_moved(balance_assignment([[2109, 1036, 1110, 1591], [2664, 555, 703, 1702]])) == 0
     assert packs_moved(balance_assignment([[0, 0], [0, 0]])) == 0
     # Two heavy packs on one rank: one crosses over and one light pack comes back.
     assignment = balance_assignment([[10, 10], [0, 0]])

@@ -282,3 +282,32 @@ def test_failed_tensor_write_is_reported_and_keeps_the_previous_checkpoint(train
     assert open(os.path.join(root, "latest")).read().strip() == "iter_0000001"
     assert not os.path.exists(ckpt.iteration_dir(root, 2))
     _assert_loads_step(root, trainable, 1)
+
+
+def test_resume_restores_the_random_generators_and_the_loader_position(trainable, tmp_path):
+    """What a resumed run draws next (torch, Python, NumPy) is what the saving run drew next,
+    and the loader is handed the position saved with the weights."""
+    import random
+
+    import numpy as np
+
+    from megavl.training import checkpoint as ckpt
+
+    config, model, optimizer, scheduler = trainable
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=1), {"position": 17})
+    after_save = (torch.rand(4), random.random(), np.random.rand())
+    for _ in range(3):  # the run goes on drawing
+        torch.rand(100), random.random(), np.random.rand()
+
+    class Loader:
+        restored = None
+
+        def load_state_dict(self, state):
+            self.restored = state
+
+    loader = Loader()
+    assert ckpt.load_checkpoint(root, model, optimizer, scheduler, loader).step == 1
+    assert loader.restored == {"position": 17}
+    resumed = (torch.rand(4), random.random(), np.random.rand())
+    assert torch.equal(resumed[0], after_save[0]) and resumed[1:] == after_save[1:]

@@ -149,7 +149,7 @@ MUTATIONS = [
         file="megavl/training/checkpoint.py",
         old='        _set_rng_state(state["rng_state"])\n',
         new="",
-        tests=(_RANDOMNESS_RESUME,),
+        tests=("tests/test_checkpointing.py::test_resume_restores_the_random_generators_and_the_loader_position",),
         bug="a resumed run does not restore the RNG states it saved",
     ),
     Mutation(
@@ -158,7 +158,7 @@ MUTATIONS = [
         old='        if data_stream is not None and state["data_state"] is not None:\n'
             '            data_stream.load_state_dict(state["data_state"])\n',
         new="",
-        tests=("tests/test_trainer.py::test_resume_continues_exactly",),
+        tests=("tests/test_checkpointing.py::test_resume_restores_the_random_generators_and_the_loader_position",),
         bug="a resumed run does not restore the loader's position: it sees the first batches again",
     ),
     Mutation(
@@ -207,5 +207,54 @@ MUTATIONS = [
         new="return torch.cat([q, v, k], dim=1).reshape(-1, *rest)",
         tests=("tests/test_convert_mapping.py::test_qkv_interleaves_query_groups_like_megatron",),
         bug="the import's per-group interleave puts each group's value head before its key head",
+    ),
+    # -- balancing ties, freezing, learning rates, non-finite steps --------------------
+    Mutation(
+        name="balance-tie-overfills-a-group",
+        file="megavl/data/balance.py",
+        old="        if loads[src] == least and len(groups[src]) < m:\n",
+        new="        if loads[src] == least and len(groups[src]) <= m:\n",
+        tests=("tests/test_balance.py::test_ties_between_loads_still_give_every_rank_m_packs",),
+        bug="on a tie the pack's own rank takes it even when its group already holds m packs",
+    ),
+    Mutation(
+        name="balance-moves-packs-for-no-gain",
+        file="megavl/data/balance.py",
+        old="    if limit >= max(_loads(identity, weight)):\n",
+        new="    if limit > max(_loads(identity, weight)):\n",
+        tests=("tests/test_balance.py::test_packs_stay_home_unless_moving_them_lowers_the_maximum",),
+        bug="packs are exchanged between ranks when balancing reaches only the same maximum",
+    ),
+    Mutation(
+        name="frozen-parts-still-train",
+        file="megavl/models/parts.py",
+        old="        param.requires_grad_(trains(config, name, param))\n",
+        new="        param.requires_grad_(param.requires_grad)\n",
+        tests=("tests/test_parts.py::test_frozen_parts_stay_identical_and_hold_no_gradient_buffer_or_optimizer_state",),
+        bug="train.parts is read but nothing is frozen before DDP wraps the model",
+    ),
+    Mutation(
+        name="frozen-vision-tower-builds-a-graph",
+        file="megavl/models/vlm.py",
+        old="torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains(self.vision))",
+        new="torch.set_grad_enabled(torch.is_grad_enabled())",
+        tests=("tests/test_parts.py::test_a_frozen_vision_tower_builds_no_autograd_graph",),
+        bug="a vision tower frozen entirely still builds (and keeps the activations of) its autograd graph",
+    ),
+    Mutation(
+        name="part-lr-mult-ignored",
+        file="megavl/models/parts.py",
+        old="ParamGroupOverride(max_lr=t.lr * settings.lr_mult, min_lr=t.min_lr * settings.lr_mult)",
+        new="ParamGroupOverride(max_lr=t.lr, min_lr=t.min_lr)",
+        tests=("tests/test_parts.py::test_a_learning_rate_multiplier_scales_exactly_its_parts_update",),
+        bug="a part's lr_mult makes its own param group but the group keeps the base learning rate",
+    ),
+    Mutation(
+        name="non-finite-step-applied",
+        file="megavl/training/step.py",
+        old="    if finite:\n        updated, grad_norm, _ = optimizer.step()\n",
+        new="    if True:\n        updated, grad_norm, _ = optimizer.step()\n",
+        tests=("tests/test_nonfinite.py::test_a_non_finite_step_changes_nothing_and_training_continues_as_if_it_never_came",),
+        bug="a step with a NaN loss is applied: the weights and Adam's moments turn NaN",
     ),
 ]
