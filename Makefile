@@ -53,7 +53,7 @@ clean:
 	rm -rf $(VENV) *.egg-info
 
 # Puts each curated bug of tools/mutations.py into a temporary copy of the repository and fails
-# if the tests meant to catch it pass (about 12 minutes on 2 cores). Pass options with
+# if the tests meant to catch it pass (12 to 15 minutes on 2 cores). Pass options with
 # MUTANTS_ARGS, e.g. make mutants MUTANTS_ARGS="--only loss-per-microbatch --baseline".
 .PHONY: mutants
 mutants: setup

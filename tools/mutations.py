@@ -234,14 +234,6 @@ MUTATIONS = [
         bug="train.parts is read but nothing is frozen before DDP wraps the model",
     ),
     Mutation(
-        name="frozen-vision-tower-builds-a-graph",
-        file="megavl/models/vlm.py",
-        old="torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains(self.vision))",
-        new="torch.set_grad_enabled(torch.is_grad_enabled())",
-        tests=("tests/test_parts.py::test_a_frozen_vision_tower_builds_no_autograd_graph",),
-        bug="a vision tower frozen entirely still builds (and keeps the activations of) its autograd graph",
-    ),
-    Mutation(
         name="part-lr-mult-ignored",
         file="megavl/models/parts.py",
         old="ParamGroupOverride(max_lr=t.lr * settings.lr_mult, min_lr=t.min_lr * settings.lr_mult)",

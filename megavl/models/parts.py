@@ -106,10 +106,6 @@ def describe(counts: dict[str, tuple[int, int]]) -> str:
     return "trainable parts: " + ", ".join(f"{part} {state(*counts[part])}" for part in PARTS if part in counts)
 
 
-def vision_trains(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
 def optimizer_overrides(config: Config) -> dict:
     """megatron ParamKey -> ParamGroupOverride for the parts whose multipliers are not 1."""
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate

@@ -19,7 +19,6 @@ from megatron.core.transformer.module import MegatronModule
 from megavl.config import Config
 from megavl.models.adapter import PatchMergerAdapter
 from megavl.models.modality import vision_tokens
-from megavl.models.parts import vision_trains
 from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
 from megavl.models.vision import VisionEncoder
@@ -128,11 +127,9 @@ class VisionLanguageModel(MegatronModule):
                     f"but its images give {expected} embeddings "
                     f"(grid_thw={image_grid_thw.tolist()}); each image needs t*h*w/merge^2 pad tokens"
                 )
-            # A vision tower frozen entirely builds no autograd graph (its activations
-            # are not kept); the adapter after it still trains.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains(self.vision)):
-                vision_out = self.vision(pixel_values, image_grid_thw)
-            image_embeds = self.adapter(vision_out)
+            # A vision tower frozen entirely builds no autograd graph and keeps no
+            # activations: none of its inputs or parameters requires a gradient.
+            image_embeds = self.adapter(self.vision(pixel_values, image_grid_thw))
             hidden = hidden.masked_scatter(image_slots[..., None], image_embeds.to(hidden.dtype))
         elif bool(image_slots.any()):
             raise ValueError(
