@@ -3,8 +3,6 @@ overrides; a stage started from the previous one's checkpoint records the chain.
 
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 
