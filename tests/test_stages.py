@@ -3,7 +3,6 @@ overrides; a stage started from the previous one's checkpoint records the chain.
 
 from __future__ import annotations
 
-
 import pytest
 
 from conftest import TINY_CONFIG
