@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import run_torchrun
 from workers.convert_tiny_models import (
+    assert_saved_logits_match_hf,
     TOKENS, collapse_document_ids, copy_config_only, edit_architectures, megavl_tensors, quiet, read_all_tensors,
     save_tiny_model,
 )
@@ -314,18 +315,9 @@ def test_export_leaves_out_disabled_vision_lora_and_the_standard_class_refuses_a
 
 @pytest.mark.slow
 def test_tp2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
-    from megavl.convert.verify import compare, hf_document_outputs, reserved_token_ids, verification_inputs
-
     hf_dir, original = hf
     ckpt, result = imported
     run_torchrun(2, "convert_logits.py", [
         "--load", str(ckpt), "--hf", str(hf_dir), "--set", "parallel.tensor=2", "--out", str(tmp_path / "tp2.pt"),
     ])
-    tp2 = torch.load(tmp_path / "tp2.pt", weights_only=True)
-    inputs = verification_inputs(result.config, reserved_token_ids(json.loads((hf_dir / "config.json").read_text())))
-    assert sorted(tp2) == sorted(each.name for each in inputs)
-    for each in inputs:
-        reference, positions = hf_document_outputs(original, each, result.config)
-        row_positions = each.batch(result.config)["position_ids"]
-        check = compare(each, tp2[each.name], reference, TOLERANCE, row_positions, positions)
-        assert check.ok, check.describe()
+    assert_saved_logits_match_hf(tmp_path / "tp2.pt", original, hf_dir, result.config, TOLERANCE)

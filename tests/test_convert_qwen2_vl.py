@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import run_torchrun
 from workers.convert_tiny_models import (
+    assert_saved_logits_match_hf,
     copy_config_only, quiet, read_all_tensors, save_tiny_model,
 )
 
@@ -130,17 +131,8 @@ def test_export_refuses_window_attention_with_every_architectures_reasons(import
 
 @pytest.mark.slow
 def test_tp2_checkpoint_reproduces_hf_logits(hf, imported, tmp_path):
-    from megavl.convert.verify import compare, hf_document_outputs, reserved_token_ids, verification_inputs
-
     hf_dir, original = hf
     ckpt, result = imported
     # The converted config already records parallel.tensor = 2.
     run_torchrun(2, "convert_logits.py", ["--load", str(ckpt), "--hf", str(hf_dir), "--out", str(tmp_path / "tp2.pt")])
-    tp2 = torch.load(tmp_path / "tp2.pt", weights_only=True)
-    inputs = verification_inputs(result.config, reserved_token_ids(json.loads((hf_dir / "config.json").read_text())))
-    assert sorted(tp2) == sorted(each.name for each in inputs)
-    for each in inputs:
-        reference, positions = hf_document_outputs(original, each, result.config)
-        row_positions = each.batch(result.config)["position_ids"]
-        check = compare(each, tp2[each.name], reference, TOLERANCE, row_positions, positions)
-        assert check.ok, check.describe()
+    assert_saved_logits_match_hf(tmp_path / "tp2.pt", original, hf_dir, result.config, TOLERANCE)

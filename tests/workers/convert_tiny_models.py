@@ -138,3 +138,18 @@ def collapse_document_ids(monkeypatch) -> None:
         return real({**batch, "document_ids": batch["document_ids"].clamp(max=0)}, bidirectional_images, backend)
 
     monkeypatch.setattr(inputs, "attention_mask_for", collapsed)
+
+
+def assert_saved_logits_match_hf(saved_file, original, hf_dir, config, tolerance: float) -> None:
+    """The logits a worker saved per verification input (one document, packed row) match
+    transformers' model run on each document alone, positions included."""
+    from megavl.convert.verify import compare, hf_document_outputs, reserved_token_ids, verification_inputs
+
+    saved = torch.load(saved_file, weights_only=True)
+    inputs = verification_inputs(config, reserved_token_ids(json.loads((hf_dir / "config.json").read_text())))
+    assert sorted(saved) == sorted(each.name for each in inputs)
+    for each in inputs:
+        reference, positions = hf_document_outputs(original, each, config)
+        row_positions = each.batch(config)["position_ids"]
+        check = compare(each, saved[each.name], reference, tolerance, row_positions, positions)
+        assert check.ok, check.describe()
