@@ -11,6 +11,8 @@ import torch
 from megavl.platform import cpu_compat, detect
 from megavl.platform.features import Platform
 
+from conftest import TINY_CONFIG
+
 # The compatibility layer is applied only where torch has no CUDA.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(),
                               reason="tests the CPU compatibility layer, which a CUDA machine does not apply")
@@ -108,3 +110,46 @@ def test_only_megatrons_missing_backend_warnings_are_silenced():
         warnings.warn_explicit("Apex is not installed. Falling back to Torch Norm", UserWarning, "x.py", 1,
                                module="someone.else")
     assert [str(w.message) for w in caught] == ["something else", "Apex is not installed. Falling back to Torch Norm"]
+
+
+def test_collective_tensors_live_where_the_back_end_moves_memory(megatron_world, monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from megavl.platform.distributed import collective_device
+
+    assert collective_device() == torch.device("cpu")  # gloo
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
+
+
+def test_layer_backend_auto_picks_transformer_engine_only_where_it_can_build_the_model():
+    from megavl.config import load_config
+    from megavl.platform.features import Platform, layer_backend_for
+
+    with_te = Platform(cuda=True, device_count=8, transformer_engine=True, apex=True, dali=True, flex_attention=True)
+    without_te = Platform(cuda=False, device_count=0, transformer_engine=False, apex=False, dali=False,
+                          flex_attention=True)
+    lora = load_config(str(TINY_CONFIG))
+    no_lora = load_config(str(TINY_CONFIG), ["model.lm.vision_lora.mlp_rank=0", "model.lm.vision_lora.attn_rank=0"])
+    assert layer_backend_for(no_lora, with_te)[0] == "te"
+    backend, why = layer_backend_for(lora, with_te)
+    assert backend == "local" and "vision LoRA" in why and "mlp_rank" in why
+    assert layer_backend_for(no_lora, without_te) == (
+        "local", "model.layer_backend = auto and Transformer Engine is not installed")
+    forced = load_config(str(TINY_CONFIG), ["model.layer_backend=local"])
+    assert layer_backend_for(forced, with_te) == ("local", "model.layer_backend = local")
+
+
+def test_layer_backend_te_is_refused_before_start_up_with_the_reason():
+    from megavl.config import ConfigError, load_config, validate
+    from megavl.platform.features import detect
+
+    config = load_config(str(TINY_CONFIG), ["model.layer_backend=te"])
+    with pytest.raises(ConfigError) as error:
+        validate(config, world_size=1)
+    text = str(error.value)
+    assert "model.layer_backend = te: vision LoRA (model.lm.vision_lora.mlp_rank = " in text
+    if not detect().transformer_engine:
+        assert "model.layer_backend = te: Transformer Engine is not installed in this environment" in text

@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megavl.platform.distributed import collective_device
+
 # assignment[destination rank] = the (source rank, source index) of every pack it takes.
 Assignment = list[list[tuple[int, int]]]
 
@@ -344,16 +346,9 @@ def _group_size(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group)
 
 
-def _device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    # NCCL moves only GPU memory; gloo (the CPU back end) only host memory.
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _transfer(outgoing: dict[int, list], sources: list[int], group: Optional[dist.ProcessGroup]) -> dict[int, list]:
     """Point-to-point exchange of object lists: sizes first, so receivers can allocate, then the bytes."""
-    device = _device(group)
+    device = collective_device(group)
     peer = lambda r: dist.get_global_rank(group or dist.group.WORLD, r)  # noqa: E731
     payloads = {
         dest: torch.frombuffer(bytearray(pickle.dumps(objects, protocol=pickle.HIGHEST_PROTOCOL)),
@@ -426,7 +421,7 @@ def balance_step(local_packs: list, vision_tokens_of: Callable[[Any], int],
 
 
 def _all_gather_counts(local_counts: list[int], group: Optional[dist.ProcessGroup]) -> list[list[int]]:
-    device = _device(group)
+    device = collective_device(group)
     mine = torch.tensor(local_counts, dtype=torch.long, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)

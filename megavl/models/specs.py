@@ -162,6 +162,7 @@ def te_layer_spec(
     attention cannot express bidirectional image spans inside causal packed text.
     """
     if vision_lora is not None:
+        # validate() refuses model.layer_backend = te with adapters, and auto builds them locally.
         raise ValueError(
             "vision LoRA is implemented on megatron-core's local linears only; on Transformer Engine "
             "set model.lm.vision_lora.mlp_rank = attn_rank = 0"

@@ -68,6 +68,7 @@ def lm_transformer_config(config: Config, fused_kernels: bool = False) -> Transf
         context_parallel_size=p.context,
         mrope_section=list(lm.mrope_section) if lm.rope == "mrope" else None,
         **_moe_fields(config),
+        **fp8_fields(config, "lm"),
         # The loss is a sum over answer tokens; megatron divides the gradients by
         # the answer-token count of the whole step (all microbatches, all DP ranks).
         calculate_per_token_loss=True,
@@ -98,6 +99,32 @@ def _moe_fields(config: Config) -> dict:
     )
 
 
+def fp8_fields(config: Config, tower: str) -> dict:
+    """megatron's FP8 fields for the "lm" or the "vision" TransformerConfig: none without train.fp8,
+    and none for the vision tower without train.fp8_vision (its linears then run in bf16).
+
+    megatron's Transformer Engine linears run FP8 GEMMs inside the FP8 region that
+    TransformerBlock (the LM) or VisionEncoder.forward (the tower) enters from these fields.
+    """
+    t = config.train
+    if t.fp8 is None or (tower == "vision" and not t.fp8_vision):
+        return {}
+    fields = dict(
+        fp8=t.fp8,
+        fp8_recipe=t.fp8_recipe,
+        fp8_margin=t.fp8_margin,
+        fp8_amax_history_len=t.fp8_amax_history_len,
+        fp8_amax_compute_algo=t.fp8_amax_compute_algo,
+    )
+    if tower == "vision":
+        # Delayed scaling all-reduces the amaxes when an FP8 region ends, over megatron's amax
+        # group (every TP and DP rank of the stage). Only a microbatch with images runs the tower,
+        # so ranks of different DP ranks would join different reductions; the TP ranks of one DP
+        # rank always share their microbatch, so the tower's amaxes are reduced over TP only.
+        fields["tp_only_amax_red"] = True
+    return fields
+
+
 # VisionConfig.norm / .mlp -> the TransformerConfig fields that select them. The
 # normalization name is what Transformer Engine's fused norm+linear reads; the
 # local spec swaps its norm module instead (megavl.models.vision.vision_layer_spec).
@@ -111,7 +138,7 @@ _VISION_MLP = {
 def vision_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
     v = config.model.vision
     fields = _common(config, fused_kernels)
-    fields.update(normalization=_VISION_NORMALIZATION[v.norm], **_VISION_MLP[v.mlp])
+    fields.update(normalization=_VISION_NORMALIZATION[v.norm], **_VISION_MLP[v.mlp], **fp8_fields(config, "vision"))
     return TransformerConfig(
         **fields,
         num_layers=v.num_layers,

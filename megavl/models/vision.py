@@ -21,6 +21,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.fp8_utils import get_fp8_align_size, get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -149,17 +150,29 @@ class VisionEncoder(MegatronModule):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N patches, C*T*P*P] -> [N, hidden] for all images of a microbatch packed together."""
         coords = patch_coordinates(grid_thw.cpu(), self.vision.spatial_merge_size).to(pixel_values.device)
-        image_segments = coords[:, 0]
-        masks = {
-            "full": self._mask(image_segments),
-            "window": self._mask(window_segments(coords, grid_thw.cpu(), self.window_patches)),
-        }
+        segments = {"full": coords[:, 0], "window": window_segments(coords, grid_thw.cpu(), self.window_patches)}
+        hidden = self.patch_embed(pixel_values)  # the patch embedding is a plain matmul, never FP8
+        patches = hidden.shape[0]
+        pad = (-patches) % get_fp8_align_size(self.config.fp8_recipe) if self.config.fp8 else 0
+        if pad:
+            # An FP8 GEMM needs a token count that is a multiple of 16 (32 for MXFP8), and an
+            # image's patch count is only a multiple of merge**2. The extra rows are their own
+            # segment, so no patch attends to them, and they are dropped at the end.
+            segments = {kind: torch.cat([ids, ids.new_full((pad,), int(ids.max()) + 1)])
+                        for kind, ids in segments.items()}
+            coords = torch.cat([coords, coords.new_zeros(pad, coords.shape[1])])
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+        masks = {kind: self._mask(ids) for kind, ids in segments.items()}
         rotary = self.rotary(coords[:, 2], coords[:, 3])
-        hidden = self.patch_embed(pixel_values)[:, None, :]  # [N, 1, hidden]: megatron's [s, b, h]
-        for index, layer in enumerate(self.layers):
-            kind = "full" if index in self.full_attention_layers else "window"
-            hidden, _ = layer(hidden, attention_mask=masks[kind], rotary_pos_emb=rotary)
-        return hidden[:, 0, :]
+        hidden = hidden[:, None, :]  # [N, 1, hidden]: megatron's [s, b, h]
+        # megatron's TransformerBlock enters the FP8 region around its layers; the tower calls its
+        # layers itself, so it enters it here. Without train.fp8_vision its config has no fp8 and
+        # this is a null context: the tower's linears then run in bf16 even on FP8 runs.
+        with get_fp8_context(self.config):
+            for index, layer in enumerate(self.layers):
+                kind = "full" if index in self.full_attention_layers else "window"
+                hidden, _ = layer(hidden, attention_mask=masks[kind], rotary_pos_emb=rotary)
+        return hidden[:patches, 0, :]
 
     def _mask(self, segments: torch.Tensor):
         return materialize(segment_mask_mod(segments[None, :]), 1, segments.numel(), self.attention_backend)

@@ -23,7 +23,7 @@ from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
 from megavl.models.vision import VisionEncoder
 from megavl.models.vision_lora import VisionLoRASettings
-from megavl.platform.features import Platform, detect
+from megavl.platform.features import Platform, detect, layer_backend_for
 
 
 class VisionLanguageModel(MegatronModule):
@@ -44,13 +44,14 @@ class VisionLanguageModel(MegatronModule):
         self.share_embeddings_and_output_weights = lm.tie_embeddings
         self.model_type = ModelType.encoder_or_decoder
 
+        layers, _ = layer_backend_for(config, platform)
         if pre_process:
             vision_config = vision_transformer_config(config, fused_kernels=platform.cuda)
             vision = config.model.vision
             self.vision = VisionEncoder(
                 vision_config,
                 vision,
-                layer_spec(platform.layer_backend, platform.attention_backend),
+                layer_spec(layers, platform.attention_backend),
                 platform.attention_backend,
             )
             merge = vision.spatial_merge_size
@@ -65,7 +66,7 @@ class VisionLanguageModel(MegatronModule):
         self.language_model = GPTModel(
             lm_config,
             lm_block_spec(
-                lm_config, platform.layer_backend, platform.attention_backend, lm.qk_layernorm,
+                lm_config, layers, platform.attention_backend, lm.qk_layernorm,
                 vision_lora=VisionLoRASettings.from_config(lm.vision_lora),
             ),
             vocab_size=lm.vocab_size,

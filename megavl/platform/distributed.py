@@ -6,8 +6,10 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
 import torch
 import torch.distributed as dist
 
@@ -35,6 +37,14 @@ class Layout:
             f"parallel layout: world={self.world_size} = TP {self.tensor} x PP {self.pipeline} x "
             f"DP {self.data} (EP {self.expert})"
         )
+
+
+def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """Where a tensor given to a collective of ``group`` must live: NCCL moves only GPU memory
+    (the process's own GPU, set at start-up), gloo only host memory."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world_size_from_env() -> int:

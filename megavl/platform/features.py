@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -54,7 +55,7 @@ class Platform:
 
     @property
     def layer_backend(self) -> str:
-        """Which megatron-core layer implementations the model specs use."""
+        """The layer implementations model.layer_backend: auto would start from (see layer_backend_for)."""
         return "te" if self.transformer_engine else "local"
 
     @property
@@ -84,3 +85,27 @@ def detect() -> Platform:
         dali=_importable("nvidia.dali"),
         flex_attention=_flex_attention_present(),
     )
+
+
+# Why a config cannot use Transformer Engine layers today, or None.
+def te_layers_refusal(config) -> Optional[str]:
+    lora = config.model.lm.vision_lora
+    if lora.mlp_rank or lora.attn_rank:
+        return (f"vision LoRA (model.lm.vision_lora.mlp_rank = {lora.mlp_rank}, attn_rank = {lora.attn_rank}) "
+                "is built on megatron-core's local linears only")
+    return None
+
+
+def layer_backend_for(config, platform: Optional[Platform] = None) -> tuple[str, str]:
+    """(the layer back end the model is built with, why), from model.layer_backend and this process."""
+    platform = platform or detect()
+    asked = config.model.layer_backend
+    if asked != "auto":
+        return asked, f"model.layer_backend = {asked}"
+    if not platform.transformer_engine:
+        return "local", "model.layer_backend = auto and Transformer Engine is not installed"
+    refusal = te_layers_refusal(config)
+    if refusal is not None:
+        return "local", f"model.layer_backend = auto with Transformer Engine installed, but {refusal}"
+    return "te", "model.layer_backend = auto and Transformer Engine is installed"
+
