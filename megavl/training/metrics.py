@@ -12,24 +12,47 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megavl.config import Config
+from megavl.models.flops import microbatch_flops
 from megavl.models.inputs import PAD_DOCUMENT_ID
+from megavl.platform.distributed import collective_device
 
 
-def real_tokens(batches: list[dict], group) -> int:
-    """Non-padding tokens of the whole step: this rank's microbatches, summed over the DP group."""
-    count = torch.tensor(sum(int((b["document_ids"] != PAD_DOCUMENT_ID).sum()) for b in batches))
-    dist.all_reduce(count, group=group)
-    return int(count)
+@dataclass(frozen=True)
+class StepTotals:
+    """What the step computed, over the whole DP group."""
+
+    tokens: int  # non-padding tokens
+    model_flops: float  # training FLOPs of the microbatches (megavl.models.flops)
+
+
+def step_totals(batches: list[dict], config: Config, group) -> StepTotals:
+    """Non-padding tokens and model FLOPs of the whole step: this rank's microbatches, summed over
+    the DP group (the TP / PP ranks of one DP rank share its microbatches) in one all-reduce."""
+    tokens = sum(int((b["document_ids"] != PAD_DOCUMENT_ID).sum()) for b in batches)
+    flops = sum(microbatch_flops(b, config).total for b in batches)
+    # float64 holds token counts exactly up to 2**53, so one pair carries both.
+    totals = torch.tensor([tokens, flops], dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(totals, group=group)
+    tokens, flops = totals.tolist()
+    return StepTotals(int(tokens), flops)
 
 
 def step_metrics(result, tokens: int, step_time: float, data_stats, balance, max_pixels: Optional[int],
-                 moe_scalars: Optional[dict], skipped_steps: int = 0) -> dict:
-    """The scalars one training step logs (console, metrics.jsonl, TensorBoard)."""
+                 moe_scalars: Optional[dict], skipped_steps: int = 0, model_flops: Optional[float] = None,
+                 world_size: int = 1, peak_flops: Optional[float] = None) -> dict:
+    """The scalars one training step logs (console, metrics.jsonl, TensorBoard).
+
+    model_flops: the step's (all DP ranks); with it the step logs tflops_per_gpu (per GPU of the
+    world_size, over the whole step time, data loading included as in tokens_per_s) and, given the
+    GPU's peak FLOP/s, mfu (a fraction of that peak).
+    """
     metrics = {
         "loss": result.loss,
         "lr": result.lr,
@@ -37,11 +60,18 @@ def step_metrics(result, tokens: int, step_time: float, data_stats, balance, max
         "answer_tokens": result.answer_tokens,
         "tokens": tokens,
         "tokens_per_s": tokens / step_time,
+    }
+    if model_flops is not None:
+        per_gpu = model_flops / step_time / world_size
+        metrics["tflops_per_gpu"] = per_gpu / 1e12
+        if peak_flops:
+            metrics["mfu"] = per_gpu / peak_flops
+    metrics.update({
         "packing_efficiency": data_stats.packing_efficiency,
         "skipped_samples": sum(data_stats.skipped.values()),
         # Steps not applied because their loss or gradients were not finite, since the run began.
         "skipped_steps": skipped_steps,
-    }
+    })
     metrics.update({f"skipped/{reason}": n for reason, n in sorted(data_stats.skipped.items())})
     if balance is not None:
         metrics.update(vision_imbalance=balance.imbalance_after, vision_imbalance_unbalanced=balance.imbalance_before,
@@ -130,6 +160,10 @@ class MetricsWriter:
             f"grad {m['grad_norm']:.3f}",
             f"{m['tokens_per_s']:.0f} tok/s",
         ]
+        if "tflops_per_gpu" in m:
+            parts.append(f"{m['tflops_per_gpu']:.3g} TFLOP/s/GPU")
+        if "mfu" in m:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
         if "packing_efficiency" in m:
             parts.append(f"pack {100 * m['packing_efficiency']:.0f}%")
         if "moe_load_balancing_loss" in m:
