@@ -18,7 +18,7 @@ RUN useradd --create-home --uid 1000 megavl
 WORKDIR /workspace/megavl
 COPY --chown=megavl:megavl setup.py README.md ./
 COPY --chown=megavl:megavl megavl ./megavl
-RUN pip install --no-cache-dir -e ".[dali]" \
-    && python -c "import megavl, megatron.core, nvidia.dali, transformer_engine.pytorch"
+RUN pip install --no-cache-dir -e ".[dali,muon]" \
+    && python -c "import megavl, megatron.core, nvidia.dali, transformer_engine.pytorch, emerging_optimizers"
 COPY --chown=megavl:megavl . .
 USER megavl

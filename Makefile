@@ -11,12 +11,16 @@ TORCH_CPU := torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py tools/install_system_packages.sh
+$(VENV)/.installed: setup.py Makefile tools/install_system_packages.sh
 	bash tools/install_system_packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_CPU)
 	$(PY) -m pip install --quiet -e ".[dev,dali]"
+	# Muon (train.optimizer: muon): emerging-optimizers declares Python >= 3.12 but runs on 3.11
+	# once typing.override is provided (megavl/training/muon.py does); its import needs triton.
+	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' && $(PY) -m pip install --quiet -e ".[muon]" || \
+		$(PY) -m pip install --quiet --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py==2.5.1 triton==3.9.0
 	touch $@
 
 test: setup
@@ -35,19 +39,33 @@ $(DATA)/train/.nv-meta/split.yaml: | setup
 demo: setup $(DATA)/train/.nv-meta/split.yaml
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml
 
-# Three stages chained on the tiny model, each from the previous one's weights (fresh optimizer
-# and schedule): align (adapter only, all text), pretrain (everything, answers), sft.
+# The ZAYA1-VL recipe in small (examples/recipes/zaya1/ at production scale), each stage from the
+# previous one's weights with a fresh optimizer and schedule: align (adapter only, all text),
+# pretrain (everything, answers), expand (4 new tokens; only their embedding rows train), sft.
+# Muon updates the LM's and adapter's matrices in every stage but the expansion.
 RECIPE := runs/recipe-demo
-STAGE := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml --set
+EXPANDED := $(RECIPE)/2_pretrain_expanded
+STAGE := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml --set checkpoint.resume=never data.add_bos=true data.bos_token="<|endoftext|>"
+NEW_TOKENS := "<|ref_start|>" "<|ref_end|>" "<|quad_start|>" "<|quad_end|>"
+EXPANSION = $(PY) -c "import json, sys; print(json.load(open('$(EXPANDED)/vocab_expansion.json'))[sys.argv[1]])"
 recipe-demo: setup $(DATA)/train/.nv-meta/split.yaml
-	$(STAGE) train.stage=align train.steps=30 train.warmup_steps=3 train.lr=3e-3 checkpoint.resume=never \
+	rm -rf $(RECIPE)
+	$(STAGE) train.stage=align train.optimizer=muon train.steps=30 train.warmup_steps=3 train.lr=3e-3 \
 		logging.dir=$(RECIPE)/1_align checkpoint.dir=$(RECIPE)/1_align/checkpoints
-	$(STAGE) train.stage=pretrain train.steps=40 train.warmup_steps=4 checkpoint.resume=never \
+	$(STAGE) train.stage=pretrain train.optimizer=muon train.steps=40 train.warmup_steps=4 \
 		checkpoint.pretrained=$(RECIPE)/1_align/checkpoints \
 		logging.dir=$(RECIPE)/2_pretrain checkpoint.dir=$(RECIPE)/2_pretrain/checkpoints
-	$(STAGE) train.stage=sft train.steps=20 train.warmup_steps=2 train.lr=3e-4 train.min_lr=1e-5 checkpoint.resume=never \
-		checkpoint.pretrained=$(RECIPE)/2_pretrain/checkpoints \
-		logging.dir=$(RECIPE)/3_sft checkpoint.dir=$(RECIPE)/3_sft/checkpoints
+	$(PY) tools/expand_vocab.py --load $(RECIPE)/2_pretrain/checkpoints --tokenizer $(DATA)/tokenizer \
+		--add-tokens $(NEW_TOKENS) --init tokens --out $(EXPANDED)
+	$(STAGE) train.stage=expand_embeddings train.embedding_rows_from=$$($(EXPANSION) old_tokenizer_size) \
+		model.lm.vocab_size=$$($(EXPANSION) new_vocab_size) \
+		data.tokenizer=$(EXPANDED)/tokenizer train.steps=10 train.warmup_steps=1 train.lr=1e-3 \
+		checkpoint.pretrained=$(EXPANDED) \
+		logging.dir=$(RECIPE)/3_expand checkpoint.dir=$(RECIPE)/3_expand/checkpoints
+	$(STAGE) train.stage=sft train.optimizer=muon train.steps=20 train.warmup_steps=2 train.lr=3e-4 train.min_lr=1e-5 \
+		model.lm.vocab_size=$$($(EXPANSION) new_vocab_size) \
+		data.tokenizer=$(EXPANDED)/tokenizer checkpoint.pretrained=$(RECIPE)/3_expand/checkpoints \
+		logging.dir=$(RECIPE)/4_sft checkpoint.dir=$(RECIPE)/4_sft/checkpoints
 
 clean:
 	rm -rf $(VENV) *.egg-info

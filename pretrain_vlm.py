@@ -44,6 +44,7 @@ def dry_run(config, world_size: int) -> None:
     """Everything here comes from the config: nothing is allocated, no process group is made."""
     from megavl.config import data_parallel_size, dump_config, lm_layers_per_stage, validate
     from megavl.models.param_count import active_language_model_parameters, total_parameter_counts
+    from megavl.models.precision import fp8_platform_problems, precision_plan
 
     validate(config, world_size)
     p = config.parallel
@@ -59,6 +60,29 @@ def dry_run(config, world_size: int) -> None:
     embeddings = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2)
     active = active_language_model_parameters(config)
     print(f"LM parameters active per token: {active:,d} ({active - embeddings:,d} without the embeddings)")
+    print(describe_stage(config))
+    print(precision_plan(config))
+    # The dry run often runs where the job will not (a login node): say what this machine lacks, go on.
+    problems = fp8_platform_problems(config)
+    if problems:
+        print("on this machine: " + "; ".join(problems))
+
+
+def describe_stage(config) -> str:
+    """One line from the config alone: the stage, what trains (with multipliers), the loss, the optimizer."""
+    from megavl.models.parts import trained_parts
+
+    t = config.train
+    parts = {name: v for name, v in trained_parts(config).items() if isinstance(v, dict)}
+    trains = [name + (f" (lr x{v['lr_mult']:g})" if v["lr_mult"] != 1 else "")
+              for name, v in parts.items() if v["train"]]
+    if t.parts.vision_last_layers is not None and parts["vision"]["train"]:
+        trains[trains.index("vision")] = f"vision (last {t.parts.vision_last_layers} layers)"
+    frozen = [name for name, v in parts.items() if not v["train"]]
+    rows = f"; embedding rows >= {t.embedding_rows_from} only" if t.embedding_rows_from is not None else ""
+    optimizer = "Muon + AdamW" if t.optimizer == "muon" else "AdamW"
+    return (f"stage {t.stage or '(none)'}: trains {', '.join(trains)}; frozen: {', '.join(frozen) or 'nothing'}"
+            f"{rows}; loss on {t.loss_scope}; optimizer {optimizer}")
 
 
 def train(config) -> None:
@@ -66,10 +90,11 @@ def train(config) -> None:
     from megavl.models.build import build_model, wrap_for_training
     from megavl.models.parts import describe as describe_parts
     from megavl.models.parts import part_counts
+    from megavl.models.precision import check_fp8_platform, precision_plan
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
-    from megavl.platform.features import detect
+    from megavl.platform.features import detect, layer_backend_for
     from megavl.training.checkpointer import Checkpointer, with_resume_resolved
-    from megavl.training.metrics import MetricsWriter, real_tokens, step_metrics
+    from megavl.training.metrics import MetricsWriter, step_metrics, step_totals
     from megavl.training.moe_metrics import expert_load_image, router_statistics
     from megavl.training.nonfinite import NonFiniteGuard
     from megavl.training.optimizer import build_optimizer, build_scheduler
@@ -88,6 +113,9 @@ def train(config) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     metrics = MetricsWriter(config.logging.dir, config.train.steps, enabled=is_logger)
     metrics.message(detect().describe())
+    metrics.message("layers: %s (%s)" % layer_backend_for(config))
+    metrics.message(precision_plan(config))
+    check_fp8_platform(config)  # train.fp8 on a machine without TE or an FP8-capable GPU stops here
     metrics.message(layout.describe())
     config = with_resume_resolved(config, metrics)
     config = _with_image_backend_chosen(config, metrics)
@@ -95,8 +123,13 @@ def train(config) -> None:
     # 2. Model, optimizer and schedule.
     model = build_model(config)
     chunks = wrap_for_training(config, model)
+    metrics.message(describe_stage(config))
     metrics.message(describe_parts(part_counts(model)))
     optimizer = build_optimizer(config, chunks)
+    if config.train.optimizer == "muon":
+        from megavl.training.muon import describe_split
+
+        metrics.message(describe_split(chunks))
     scheduler = build_scheduler(config, optimizer)
 
     # 3. Data: every TP/PP rank of one data-parallel rank reads the same stream.
@@ -113,6 +146,8 @@ def train(config) -> None:
 
     # 5. Train, until the last step or a stop request all ranks agree on.
     stopped = None
+    peak, peak_source = _peak_flops(config, detect())
+    metrics.message(peak_source)
     while state.step < config.train.steps and not stopped:
         started = time.monotonic()
         # A new stage of the max-pixel schedule rebuilds the loader at the same position.
@@ -121,7 +156,7 @@ def train(config) -> None:
         batches = train_data.next_step()
         with router_statistics(config, microbatches) as router:
             result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
-        tokens = real_tokens(batches, group=_data_parallel_group())
+        totals = step_totals(batches, config, group=_data_parallel_group())
         skipped = guard.record(state.step + 1, result)  # raises after too many in a row, on every rank
         if skipped:
             metrics.message(skipped)
@@ -131,9 +166,10 @@ def train(config) -> None:
         step_time = time.monotonic() - started
 
         if state.step % config.logging.interval == 0 or state.step == config.train.steps:
-            metrics.log_step(state.step, step_metrics(result, tokens, step_time, train_data.stats,
+            metrics.log_step(state.step, step_metrics(result, totals.tokens, step_time, train_data.stats,
                                                       train_data.last_balance, max_pixels, router.scalars(),
-                                                      guard.skipped_steps))
+                                                      guard.skipped_steps, totals.model_flops,
+                                                      layout.world_size, peak))
             if router.stats:
                 metrics.log_record(state.step, {"moe": router.stats})
                 metrics.log_image("moe/expert_load", expert_load_image(router.stats), state.step)
@@ -223,6 +259,22 @@ def _check_data_failures(config, stats) -> None:
         for read, failed in gathered:
             total.add_counts(read, failed)
     check_failure_rates(total.read, total.failed, config)
+
+
+def _peak_flops(config, platform):
+    """The per-GPU peak FLOP/s the logged MFU divides by (None: no MFU), and a line saying whose."""
+    from megavl.planning.hardware import gpu_by_device_name, peak_flops
+
+    override = config.logging.peak_tflops  # validate() has checked it is positive
+    if override is not None:
+        return override * 1e12, f"MFU against logging.peak_tflops = {override:g} TFLOP/s per GPU"
+    name = torch.cuda.get_device_name() if platform.cuda else None
+    peak = peak_flops(name, config.train.dtype)
+    if peak is None:
+        return None, (f"no MFU: no known {config.train.dtype} peak for {name or 'the CPU'} "
+                      "(logging.peak_tflops sets one); TFLOP/s per GPU is logged")
+    return peak, (f"MFU against {peak / 1e12:g} TFLOP/s per GPU, the dense bf16 peak of the "
+                  f"{gpu_by_device_name(name).part}")
 
 
 def _data_parallel_group():

@@ -30,7 +30,9 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        "gpu": ["transformer-engine[pytorch]>=2.4", "nvidia-dali-cuda120>=1.40"],
+        # train.optimizer: muon. On Python 3.11 the Makefile installs it past its Python >= 3.12 marker.
+        "muon": ["emerging-optimizers>=0.3"],
+        "gpu": ["transformer-engine[pytorch]>=2.4", "nvidia-dali-cuda120>=1.40", "emerging-optimizers>=0.3"],
         "dev": ["pytest>=8.0"],
     },
 )

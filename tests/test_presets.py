@@ -101,3 +101,43 @@ def test_production_preset_counts_weight_by_weight():
     assert round(16 * 3 * h * 2816 / 1e6) == 277
     assert round((vision + adapter + language) / 1e9) == 8
     assert round((active_language_model_parameters(config) - embeddings) / 1e9, 1) == 1.1
+
+
+ZAYA1 = ROOT / "examples" / "recipes" / "zaya1"
+ZAYA1_STAGES = {
+    "1_align.yaml": "stage align: trains adapter; frozen: vision, lm, lm_embeddings, output_layer, vision_lora, "
+                    "router; loss on all_text; optimizer Muon + AdamW",
+    "2_pretrain.yaml": "stage pretrain: trains vision, adapter, lm, lm_embeddings, output_layer, vision_lora, router; "
+                       "frozen: nothing; loss on answers; optimizer Muon + AdamW",
+    "3_expand.yaml": "stage expand_embeddings: trains lm_embeddings, output_layer; frozen: vision, adapter, lm, "
+                     "vision_lora, router; embedding rows >= 151665 only; loss on answers; optimizer AdamW",
+    "4_sft.yaml": "stage sft: trains vision, adapter, lm, lm_embeddings, output_layer, vision_lora, router; "
+                  "frozen: nothing; loss on answers; optimizer Muon + AdamW",
+}
+
+
+@pytest.mark.parametrize("name", list(ZAYA1_STAGES))
+def test_zaya1_recipe_stage_validates_on_128_gpus_and_says_what_it_trains(name, capsys):
+    config = load_config(str(ZAYA1 / name))
+    _dry_run()(config, 128)
+    out = capsys.readouterr().out
+    assert "parallel layout: world=128 = TP 1 x PP 1 x DP 128 (EP 8, SP False)" in out
+    assert ZAYA1_STAGES[name] in out.splitlines()
+
+
+def test_zaya1_recipe_stages_chain_and_follow_the_recipe():
+    stages = [load_config(str(ZAYA1 / name)) for name in ZAYA1_STAGES]
+    align, pretrain, expand, sft = stages
+    assert pretrain.checkpoint.pretrained == align.checkpoint.dir
+    assert expand.checkpoint.pretrained.startswith(pretrain.checkpoint.dir)  # its expanded copy
+    assert sft.checkpoint.pretrained == expand.checkpoint.dir
+    assert sft.data.tokenizer == expand.data.tokenizer != align.data.tokenizer
+    assert (align.train.seq_length, align.data.resolution.max_pixels) == (800, 301056)  # 0.3 MP
+    schedule = pretrain.data.max_pixels_schedule
+    assert (schedule.start_max_pixels, pretrain.data.resolution.max_pixels, schedule.fraction) == (802816, 6300224, 0.35)
+    assert pretrain.train.seq_length == 16896
+    assert not align.model.lm.vision_lora.enabled and pretrain.model.lm.vision_lora.enabled
+    assert all(c.data.add_bos for c in stages)
+    assert [c.train.optimizer for c in stages] == ["muon", "muon", "adamw", "muon"]
+    # The new tokens' rows follow Qwen2.5-VL's 151,665 tokens inside the 151,936-row table.
+    assert expand.train.embedding_rows_from == 151665 < expand.model.lm.vocab_size

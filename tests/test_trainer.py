@@ -26,7 +26,8 @@ def test_single_process_learns_and_writes_logs_and_checkpoints(data_dir, tmp_pat
     caps = [r["max_pixels"] for r in train]
     assert caps[:4] == [6272] * 4 and len(set(caps[4:8])) == 1 and 6272 < caps[4] < 12544 and caps[8:] == [12544] * 8
     assert [r["step"] for r in train] == list(range(1, 17))
-    for key in ("loss", "lr", "grad_norm", "answer_tokens", "tokens_per_s", "packing_efficiency", "step_time"):
+    for key in ("loss", "lr", "grad_norm", "answer_tokens", "tokens_per_s", "packing_efficiency", "step_time",
+                "tflops_per_gpu"):
         assert key in train[0]
     first, last = sum(r["loss"] for r in train[:4]) / 4, sum(r["loss"] for r in train[-4:]) / 4
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
@@ -72,6 +73,22 @@ def test_resume_continues_exactly(data_dir, tmp_path, reference_losses):
     assert [r["step"] for r in train] == [4, 5, 6]
     assert [r["answer_tokens"] for r in train] == tokens[3:]
     assert [r["loss"] for r in train] == losses[3:]
+
+
+def test_muon_with_its_layer_wise_distributed_state_resumes_exactly_at_dp2(data_dir, tmp_path):
+    """train.optimizer=muon over DP=2: each rank keeps the state of its own weights; a restart
+    from step 3 repeats steps 4-6 exactly (the momentum buffers come back)."""
+    muon = ["train.optimizer=muon", "parallel.distributed_optimizer=true"]
+    run = tmp_path / "muon"
+    out = _train(2, _overrides(data_dir, run, steps=6, extra=muon))
+    assert "optimizer: Muon for " in out and " tensors (" in out
+    train, _ = _metrics(run)
+    resumed = tmp_path / "resumed"
+    _train(2, _overrides(data_dir, resumed, steps=6, extra=[*muon, f"checkpoint.load={run}/checkpoints/iter_0000003"]))
+    again, _ = _metrics(resumed)
+    assert [r["step"] for r in again] == [4, 5, 6]
+    assert [r["loss"] for r in again] == [r["loss"] for r in train[3:]]
+    assert [r["grad_norm"] for r in again] == [r["grad_norm"] for r in train[3:]]
 
 
 def test_a_dataset_failing_too_often_stops_the_run_with_its_name(data_dir, tmp_path):

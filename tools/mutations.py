@@ -249,4 +249,30 @@ MUTATIONS = [
         tests=("tests/test_nonfinite.py::test_a_non_finite_step_changes_nothing_and_training_continues_as_if_it_never_came",),
         bug="a step with a NaN loss is applied: the weights and Adam's moments turn NaN",
     ),
+    Mutation(
+        name="embedding-row-mask-not-applied",
+        file="megavl/training/step.py",
+        old="    zero_frozen_row_grads(config, model_chunks)\n",
+        new="",
+        tests=("tests/test_embedding_expansion.py::"
+               "test_training_the_expand_embeddings_stage_moves_only_the_rows_from_embedding_rows_from[untied]",),
+        bug="train.embedding_rows_from is validated but the old tokens' gradient rows are never zeroed",
+    ),
+    # -- Muon -------------------------------------------------------------------------
+    Mutation(
+        name="muon-scales-by-the-shard",
+        file="megavl/training/muon.py",
+        old="                if partition_dim == 0:\n                    rows *= group.size()\n                else:\n                    cols *= group.size()\n",
+        new="",
+        tests=("tests/test_muon.py::test_muon_layout_matches_one_process[TP2]",),
+        bug="a TP-sharded matrix's Muon update is scaled by its shard's shape, not the whole matrix's",
+    ),
+    Mutation(
+        name="muon-layer-wise-weights-not-gathered",
+        file="megavl/training/muon.py",
+        old="                param.data.copy_(value)\n",
+        new="                pass\n",
+        tests=("tests/test_muon.py::test_muon_layout_matches_one_process[DP2-layer-wise]",),
+        bug="with the layer-wise distributed Muon, a rank never receives the weights other ranks updated",
+    ),
 ]

@@ -125,6 +125,20 @@ def _check_adapter(c: _Checks, config: Config) -> None:
         c.divisible(name, a.ffn_hidden_size, "parallel.tensor", config.parallel.tensor)
 
 
+def _check_layer_backend(c: _Checks, config: Config) -> None:
+    """model.layer_backend: te must be installed here and able to build the model."""
+    # Imported here: the platform package builds on the config, not the other way round.
+    from megavl.platform.features import detect, te_layers_refusal
+
+    if config.model.layer_backend != "te":
+        return
+    if not detect().transformer_engine:
+        c.require(False, "model.layer_backend = te: Transformer Engine is not installed in this environment "
+                         "(pip install transformer-engine[pytorch], or use auto / local)")
+    refusal = te_layers_refusal(config)
+    c.require(refusal is None, f"model.layer_backend = te: {refusal}; set both ranks to 0, or use auto / local")
+
+
 def _check_lm(c: _Checks, config: Config) -> None:
     m = config.model.lm
     tp = config.parallel.tensor
@@ -328,6 +342,15 @@ def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
     c.require(t.init_std > 0.0, f"train.init_std = {t.init_std}: must be > 0")
     c.at_least("train.eval_interval", t.eval_interval, 1)
     c.at_least("train.eval_steps", t.eval_steps, 1)
+    _check_muon(c, config)
+
+
+def _check_muon(c: _Checks, config: Config) -> None:
+    m = config.train.muon
+    c.require(0.0 <= m.momentum < 1.0, f"train.muon.momentum = {m.momentum}: must be in [0, 1)")
+    c.at_least("train.muon.ns_steps", m.ns_steps, 1)
+    c.positive("train.muon.extra_scale_factor", m.extra_scale_factor)
+    c.positive("train.muon.lr_mult", m.lr_mult)
 
 
 def check_resolution(c: "_Checks", r: ResolutionConfig, config: Config, prefix: str = "data.resolution") -> None:
@@ -431,6 +454,143 @@ def _check_parts(c: _Checks, config: Config) -> None:
         )
 
 
+def _check_embedding_rows(c: _Checks, config: Config) -> None:
+    """train.embedding_rows_from: the rows of token ids below it must come out of training unchanged."""
+    first = config.train.embedding_rows_from
+    if first is None:
+        return
+    name, vocab = "train.embedding_rows_from", config.model.lm.vocab_size
+    c.require(0 < first < vocab, f"{name} = {first}: must be in (0, model.lm.vocab_size = {vocab}), "
+                                 "the first token id whose embedding and output-layer rows train")
+    parts = config.train.parts
+    # Tied embeddings are one tensor, which train.parts.lm_embeddings describes.
+    names = ["lm_embeddings"] if config.model.lm.tie_embeddings else ["lm_embeddings", "output_layer"]
+    trained = [part for part in names if getattr(parts, part).train]
+    c.require(bool(trained), f"{name} = {first}: needs train.parts.lm_embeddings.train or "
+                             "train.parts.output_layer.train = true; neither trains, so no row would")
+    if config.train.weight_decay > 0:
+        for part in trained:
+            wd_mult = getattr(parts, part).wd_mult
+            c.require(wd_mult == 0, f"train.parts.{part}.wd_mult = {wd_mult} with {name} = {first}: must be 0 "
+                                    f"(or train.weight_decay 0); decoupled weight decay would shrink the rows "
+                                    f"below {first} that must stay unchanged")
+
+
+def _fp8_gemm_multiple(recipe: str) -> int:
+    """The multiple every dimension of an FP8 GEMM must be, under train.fp8_recipe = recipe.
+
+    Transformer Engine asserts before each FP8 GEMM that the input's and the weight's last
+    dimension (in_features) is a multiple of 16 and the product of the others (the tokens; the
+    weight's out_features) one of 8 (``utils.assert_dim_for_fp8_exec``); the backward GEMMs run on
+    the transposes, where out_features and the tokens are the inner dimension, so all three are
+    held to 16. MXFP8 scales blocks of 32 elements along both dimensions
+    (``MXFP8Quantizer.is_quantizable``). megatron-core pads the experts' tokens to the same
+    multiples (``fp8_utils.get_fp8_align_size``).
+    """
+    return 32 if recipe == "mxfp8" else 16
+
+
+def _fp8_gemm_widths(config: Config, tower: str) -> list[tuple]:
+    """(field, its setting, the GEMM dimension it sets, that dimension's width, the split[, how to
+    fix it]) for the FP8 linears of tower ("lm" or "vision"); the width is split over split
+    tensor-parallel ranks."""
+    tp = max(1, config.parallel.tensor)
+    if tower == "vision":
+        v = config.model.vision
+        return [
+            ("model.vision.hidden_size", f"{v.hidden_size}", "the input of the vision tower's linear_qkv and "
+             "linear_fc1 and the output of its linear_proj and linear_fc2", v.hidden_size, 1),
+            ("model.vision.hidden_size", f"{v.hidden_size}", "the input of the vision tower's linear_proj",
+             v.hidden_size, tp),
+            ("model.vision.ffn_hidden_size", f"{v.ffn_hidden_size}", "the input of the vision MLP's linear_fc2",
+             v.ffn_hidden_size, tp),
+        ]
+    lm, moe = config.model.lm, config.model.lm.moe
+    widths = [
+        ("model.lm.hidden_size", f"{lm.hidden_size}", "the input of linear_qkv and linear_fc1 and the output "
+         "of linear_proj and linear_fc2", lm.hidden_size, 1),
+        ("model.lm.hidden_size", f"{lm.hidden_size}", "the input of linear_proj", lm.hidden_size, tp),
+    ]
+    if lm.num_attention_heads >= 1 and lm.hidden_size % lm.num_attention_heads == 0:
+        head_dim = lm.hidden_size // lm.num_attention_heads
+        widths.append((
+            "model.lm.num_query_groups",
+            f"{lm.num_query_groups} (with {lm.num_attention_heads} heads of {head_dim})",
+            "the output of linear_qkv, (num_attention_heads + 2 * num_query_groups) * head dim,",
+            (lm.num_attention_heads + 2 * lm.num_query_groups) * head_dim, tp,
+        ))
+        widths[-1] += ("make the head dim (model.lm.hidden_size / num_attention_heads) a multiple of {multiple}",)
+    # Dense MLPs: every layer without experts, or the layers moe.dense_layers keeps dense.
+    if moe.num_experts == 0 or moe.dense_layers:
+        widths.append(("model.lm.ffn_hidden_size", f"{lm.ffn_hidden_size}", "the input of the dense MLP's "
+                       "linear_fc2", lm.ffn_hidden_size, tp))
+    if moe.num_experts:
+        ffn = moe.ffn_hidden_size if moe.ffn_hidden_size is not None else lm.ffn_hidden_size
+        widths.append(("model.lm.moe.ffn_hidden_size", f"{ffn}", "the input of each expert's linear_fc2",
+                       ffn, max(1, config.parallel.expert_tensor)))
+        if moe.shared_expert_ffn_hidden_size is not None:
+            widths.append(("model.lm.moe.shared_expert_ffn_hidden_size", f"{moe.shared_expert_ffn_hidden_size}",
+                           "the input of the shared expert's linear_fc2", moe.shared_expert_ffn_hidden_size, tp))
+    return widths
+
+
+def _check_fp8(c: _Checks, config: Config) -> None:
+    """train.fp8: FP8 GEMMs need bf16, Transformer Engine layers and GEMM widths TE can quantize."""
+    # Imported here: the platform package builds on the config, not the other way round.
+    from megavl.platform.features import te_layers_refusal
+
+    t = config.train
+    if t.fp8 is None:
+        c.require(not t.fp8_vision, "train.fp8_vision = true: needs train.fp8 (e4m3 or hybrid); the vision "
+                                    "tower runs in FP8 only alongside the LM")
+        return
+    name = f"train.fp8 = {t.fp8}"
+    c.require(t.dtype == "bf16", f"{name}: needs train.dtype = bf16 (got {t.dtype}); the FP8 GEMMs run "
+                                 "beside bf16 weights and activations, FP8 with fp32 parameters is not supported")
+    if config.model.layer_backend == "local":
+        c.require(False, f"{name}: needs Transformer Engine layers, and model.layer_backend = local builds "
+                         "megatron-core's local linears, which have no FP8 path; use auto or te")
+    refusal = te_layers_refusal(config)
+    c.require(refusal is None, f"{name}: needs Transformer Engine layers, but {refusal} (vision LoRA on "
+                               "Transformer Engine layers is not implemented yet); set model.lm.vision_lora."
+                               "mlp_rank = attn_rank = 0, or leave train.fp8 unset")
+    c.at_least("train.fp8_amax_history_len", t.fp8_amax_history_len, 1)
+    c.at_least("train.fp8_margin", t.fp8_margin, 0)
+
+    multiple = _fp8_gemm_multiple(t.fp8_recipe)
+    need = f"not a multiple of {multiple} as Transformer Engine's FP8 GEMMs need (train.fp8_recipe = {t.fp8_recipe})"
+    towers = [("lm", name, None)]
+    if t.fp8_vision:
+        towers.append(("vision", "train.fp8_vision = true", "keep the tower in bf16 (train.fp8_vision = false)"))
+    for tower, setting_name, remedy in towers:
+        reported = set()
+        for field, setting, what, width, split, *fix in _fp8_gemm_widths(config, tower):
+            # A width that does not split evenly is reported by the layout checks.
+            if field in reported or width < 1 or width % split:
+                continue
+            fix = remedy or (fix[0].format(multiple=multiple) if fix else f"make it a multiple of {multiple * split}")
+            if not c.require(
+                (width // split) % multiple == 0,
+                f"{setting_name}: {field} = {setting} makes {what} {width // split} wide"
+                + (f" per tensor-parallel rank ({width} / {split})" if split > 1 else "")
+                + f", {need}; {fix}",
+            ):
+                reported.add(field)
+    # Every packed row is train.seq_length tokens; with sequence parallelism each TP rank's linears
+    # take their share of them. (The vision tower pads its patches, the experts their tokens.)
+    p = config.parallel
+    split = p.tensor if p.sequence_parallel and p.tensor > 1 else 1
+    tokens = t.seq_length * t.micro_batch_size
+    if tokens >= 1 and tokens % split == 0:
+        c.require(
+            (tokens // split) % multiple == 0,
+            f"{name}: train.seq_length * train.micro_batch_size = {t.seq_length}*{t.micro_batch_size} gives the "
+            f"LM's GEMMs {tokens // split} tokens"
+            + (f" per tensor-parallel rank ({tokens} / {split})" if split > 1 else "")
+            + f", {need}; make train.seq_length a multiple of {multiple * split}",
+        )
+
+
 def validate(config: Config, world_size: int) -> None:
     """Check that config can run on world_size processes.
 
@@ -442,12 +602,15 @@ def validate(config: Config, world_size: int) -> None:
     _check_vision(c, config)
     _check_adapter(c, config)
     _check_lm(c, config)
+    _check_layer_backend(c, config)
     _check_moe(c, config)
     _check_vision_lora(c, config)
     dp = _check_parallel(c, config, world_size)
     _check_train(c, config, dp)
+    _check_fp8(c, config)
     _check_data(c, config)
     _check_parts(c, config)
+    _check_embedding_rows(c, config)
     c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
     c.at_least("checkpoint.keep_last", config.checkpoint.keep_last, 0)
     c.at_least("checkpoint.keep_every", config.checkpoint.keep_every, 0)
@@ -455,5 +618,7 @@ def validate(config: Config, world_size: int) -> None:
     if config.train.max_wall_time is not None:
         c.positive("train.max_wall_time", config.train.max_wall_time)
     c.at_least("logging.interval", config.logging.interval, 1)
+    if config.logging.peak_tflops is not None:
+        c.positive("logging.peak_tflops", config.logging.peak_tflops)
     if c.problems:
         raise report_problems(c.problems, f"invalid configuration for world size {world_size}")

@@ -51,10 +51,20 @@ __all__ = [
     "STAGES",
     "LossScope",
     "LOSS_SCOPES",
+    "OptimizerName",
+    "LayerBackend",
+    "MuonTPMode",
+    "MuonScaleMode",
+    "MuonConfig",
     "LRDecayStyle",
     "WSDDecayStyle",
     "LR_DECAY_STYLES",
     "WSD_DECAY_STYLES",
+    "FP8Format",
+    "FP8Recipe",
+    "FP8AmaxComputeAlgo",
+    "FP8_FORMATS",
+    "FP8_RECIPES",
 ]
 
 RopeKind = Literal["1d", "mrope"]
@@ -72,12 +82,27 @@ ImageBackendName = Literal["auto", "dali", "pillow"]
 LRDecayStyle = Literal["cosine", "linear", "constant", "WSD"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 # A training stage whose preset settings become the config's defaults (megavl/config/stages.py).
-Stage = Literal["align", "pretrain", "sft"]
+Stage = Literal["align", "pretrain", "sft", "expand_embeddings"]
 # Which tokens are targets: the assistant answers, or all text after the system
 # prompt (image tokens never are), as alignment stages train.
 LossScope = Literal["answers", "all_text"]
+OptimizerName = Literal["adamw", "muon"]
+LayerBackend = Literal["auto", "te", "local"]
+# How Newton-Schulz treats a TP-sharded matrix: orthogonalise the whole matrix, gathered on
+# every rank (duplicated) or computed jointly (distributed), or each shard on its own
+# (blockwise: cheaper, but the update then depends on the TP size).
+MuonTPMode = Literal["duplicated", "distributed", "blockwise"]
+MuonScaleMode = Literal["spectral", "shape_scaling", "unit_rms_norm"]
 # auto: a checkpoint.dir holding a complete checkpoint is resumed from when checkpoint.load is unset.
 ResumeMode = Literal["auto", "never"]
+# FP8 GEMMs through Transformer Engine (megatron's --fp8-format): e4m3 for every FP8 tensor, or
+# hybrid (e4m3 forward, e5m2 for the gradients, whose range matters more than their precision).
+FP8Format = Literal["e4m3", "hybrid"]
+# How the FP8 scales are chosen: delayed (from a history of amaxes), tensorwise (each tensor's
+# current amax), blockwise (1x128 / 128x128 blocks, Hopper and newer), mxfp8 (32-element blocks
+# with power-of-two scales, Blackwell). megatron-core's fp8_recipe names.
+FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
+FP8AmaxComputeAlgo = Literal["max", "most_recent"]
 
 # The same choices as tuples, for code that iterates over them.
 ROPE_KINDS = get_args(RopeKind)
@@ -94,6 +119,8 @@ LOSS_SCOPES = get_args(LossScope)
 STAGES = get_args(Stage)
 LR_DECAY_STYLES = get_args(LRDecayStyle)
 WSD_DECAY_STYLES = get_args(WSDDecayStyle)
+FP8_FORMATS = get_args(FP8Format)
+FP8_RECIPES = get_args(FP8Recipe)
 
 
 @dataclass
@@ -191,6 +218,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    # The megatron-core layer implementations: te (Transformer Engine's fused kernels), local
+    # (megatron-core's own), or auto: te where it is installed and can build the model, else local.
+    layer_backend: LayerBackend = "auto"
 
 
 @dataclass
@@ -323,6 +353,26 @@ TRAINABLE_PARTS = tuple(f.name for f in fields(TrainablePartsConfig) if f.defaul
 
 
 @dataclass
+class MuonConfig:
+    """megatron-core's Muon (train.optimizer: muon) for the 2-D weights of the language model,
+    its router and the adapter; everything else (vision tower, embeddings, output layer, norms,
+    biases, vision LoRA) keeps AdamW with the adam_* settings."""
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    # spectral scales the orthogonalised update by sqrt(max(rows, cols)); with
+    # extra_scale_factor 0.2 its RMS matches AdamW's, so train.lr carries over (Moonlight).
+    scale_mode: MuonScaleMode = "spectral"
+    extra_scale_factor: float = 0.2
+    tp_mode: MuonTPMode = "duplicated"
+    # Orthogonalise a fused QKV weight's query, key and value blocks apart.
+    split_qkv: bool = True
+    # Multiplies the learning rate of the Muon groups (the parts' lr_mult still apply).
+    lr_mult: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     # None: no preset; otherwise the stage's settings are this config's defaults.
     stage: Optional[Stage] = None
@@ -344,11 +394,27 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # adamw everywhere, or muon for the LM's and adapter's matrices (train.muon) with AdamW beside it.
+    optimizer: OptimizerName = "adamw"
+    muon: MuonConfig = field(default_factory=MuonConfig)
     clip_grad: float = 1.0
     # answers: the assistant's answers (and their end-of-turn token); all_text: every token
     # after the system prompt except the images'. Either way normalised per optimizer step.
     loss_scope: LossScope = "answers"
     dtype: DType = "fp32"
+    # FP8: the GEMMs of the LM's Transformer Engine linears (attention and MLP projections, experts)
+    # run in FP8, everything else stays bf16 (so it needs dtype bf16); None: no FP8. The dry run
+    # prints what runs in which precision (megavl/models/precision.py).
+    fp8: Optional[FP8Format] = None
+    fp8_recipe: FP8Recipe = "delayed"
+    # Delayed scaling only: a tensor's scale comes from the largest (max) or the latest
+    # (most_recent) of its last fp8_amax_history_len amaxes, with 2**fp8_margin head room.
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: FP8AmaxComputeAlgo = "max"
+    fp8_margin: int = 0
+    # The vision tower's linears in FP8 too. Off by default: the tower is a small share of the
+    # FLOPs, and Qwen2.5-VL's MLP width (3420) is not a multiple of the FP8 GEMM granularity.
+    fp8_vision: bool = False
     dropout: float = 0.0
     # Std of the normal initialisation (residual outputs are scaled by 1/sqrt(2 * layers)).
     init_std: float = 0.02
@@ -362,6 +428,10 @@ class TrainConfig:
     # applied) before the run stops.
     max_nonfinite_steps: int = 10
     parts: TrainablePartsConfig = field(default_factory=TrainablePartsConfig)
+    # Only the rows of token ids >= this in the LM's input embedding and output layer train
+    # (new tokens, e.g. added by tools/expand_vocab.py); the rows below stay bit-identical.
+    # None: every row trains.
+    embedding_rows_from: Optional[int] = None
 
     def warmup(self) -> int:
         """Warmup steps: warmup_fraction of the steps when set, else warmup_steps."""
@@ -399,6 +469,9 @@ class CheckpointConfig:
 class LoggingConfig:
     dir: str = "runs/default"
     interval: int = 1
+    # Peak TFLOP/s of one GPU that the logged MFU divides by; None: the dense bf16 peak of a
+    # GPU megavl/planning/hardware.py knows (H100, H200, B200 SXM) in a bf16 run, else no MFU.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass

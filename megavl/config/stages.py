@@ -6,6 +6,11 @@ defaults of that config. Every field a preset sets can still be set in the YAML 
               pretraining, ZAYA1 stage 1, SiQ-VL stage 1)
     pretrain  everything trains, on the answers
     sft       everything trains, on the answers (instruction tuning)
+    expand_embeddings
+              only the LM's input embedding and output layer train, on the answers, without
+              weight decay: new tokens' rows after tools/expand_vocab.py (ZAYA1-VL stage 3);
+              with train.embedding_rows_from=N (the tool prints N) the rows of the old tokens
+              stay bit-identical
 
 A stage that follows another starts from its weights with ``checkpoint.pretrained``
 (fresh optimizer and schedule); the run records the chain in its checkpoints.
@@ -33,6 +38,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "pretrain": {"train": {"loss_scope": "answers"}},
     "sft": {"train": {"loss_scope": "answers"}},
+    # wd_mult 0: decoupled weight decay would otherwise shrink the rows train.embedding_rows_from
+    # keeps unchanged (checks.py refuses the two together).
+    "expand_embeddings": {
+        "train": {
+            "loss_scope": "answers",
+            "parts": {
+                "vision": dict(_FROZEN), "adapter": dict(_FROZEN), "lm": dict(_FROZEN),
+                "lm_embeddings": {"train": True, "wd_mult": 0.0}, "output_layer": {"train": True, "wd_mult": 0.0},
+                "vision_lora": dict(_FROZEN), "router": dict(_FROZEN),
+            },
+        },
+    },
 }
 
 

@@ -1,4 +1,4 @@
-"""What the two conversion tools share: the verification options, process-group
+"""What the conversion tools (and tools/expand_vocab.py) share: the verification options, process-group
 ownership, errors and exit codes."""
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def run_conversion(convert: Callable[[], object]) -> int:
     finally:
         if owns_world:
             shutdown()
-    if result.verification is not None and not result.verification.ok:
-        print(f"error: {result.verification.describe()}", file=sys.stderr)
+    verification = getattr(result, "verification", None)  # tools that only transform verify nothing
+    if verification is not None and not verification.ok:
+        print(f"error: {verification.describe()}", file=sys.stderr)
         return EXIT_LOGITS_DIFFER
     return EXIT_OK

@@ -26,7 +26,7 @@ from megavl.convert.files import CONFIG_NAME, PREPROCESSOR_NAME, SOURCE_HF_CONFI
 from megavl.convert.hf_io import ShardedSafetensorsWriter, check_new_folder, parse_size, read_json, write_json
 from megavl.convert.megavl_model import LM_PREFIX, build_single_process_model, load_megavl_config, model_tensors
 from megavl.convert.registry import architecture_for_megavl
-from megavl.convert.tokens import tokenizer_token_ids
+from megavl.convert.tokens import load_tokenizer_for, tokenizer_token_ids
 from megavl.convert.verify import DEFAULT_TOLERANCE, VerifyResult, reserved_token_ids, wants_verification
 
 # Small shards bound the memory the writer holds beside the model.
@@ -41,17 +41,6 @@ class ExportResult:
     num_parameters: int
     shards: list[str]
     verification: Optional[VerifyResult] = None
-
-
-def _load_tokenizer(path: str, config: Config):
-    from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(path)
-        check_tokenizer_matches_model(tokenizer, config)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConversionError(f"--tokenizer {path}: {e}") from e
-    return tokenizer
 
 
 def _imported_config(load_dir: str, arch: Architecture) -> Optional[dict]:
@@ -96,7 +85,7 @@ def export_to_hf(
     arch = architecture_for_megavl(config, architecture, language_model_only)
     max_shard_bytes = parse_size(max_shard_size)
     check_new_folder(out_dir, "--out")
-    tok = _load_tokenizer(tokenizer, config) if tokenizer else None
+    tok = load_tokenizer_for(tokenizer, config) if tokenizer else None
     token_ids = tokenizer_token_ids(tok) if tok is not None else {}
     hf_config = arch.hf_config(config, token_ids, _imported_config(load_dir, arch))
     hf_config.dtype = DTYPES[config.train.dtype]

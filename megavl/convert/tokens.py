@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megavl.convert.errors import ConversionError
 from megavl.data import tokenizer as tok
 
 TOP_TOKEN_KEYS = ("vision_start_token_id", "vision_end_token_id", "video_token_id")
@@ -62,3 +63,13 @@ def tokenizer_token_ids(tokenizer) -> dict:
     if tokenizer.pad_token_id is not None:
         ids["pad_token_id"] = tokenizer.pad_token_id
     return ids
+
+
+def load_tokenizer_for(path: str, config):
+    """The tokenizer folder given as --tokenizer, after checking it fits the model's config."""
+    try:
+        tokenizer = tok.load_tokenizer(path)
+        tok.check_tokenizer_matches_model(tokenizer, config)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConversionError(f"--tokenizer {path}: {e}") from e
+    return tokenizer

@@ -38,7 +38,9 @@ def wrap_for_training(config: Config, model: VisionLanguageModel) -> list[Distri
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=config.parallel.distributed_optimizer,
+        # Muon's distributed form shards whole weights over plain all-reduced gradients
+        # (megavl/training/muon.py), not megatron's reduce-scattered buffers.
+        use_distributed_optimizer=config.parallel.distributed_optimizer and config.train.optimizer != "muon",
     )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     model.config.finalize_model_grads_func = finalize_model_grads

@@ -93,6 +93,8 @@ def trained_parts(config: Config) -> dict:
 
     record = dataclasses.asdict(config.train.parts)
     record["vision_lora"]["train"] = record["vision_lora"]["train"] and config.model.lm.vision_lora.enabled
+    # Moments built while every embedding row trained would move the rows this run keeps fixed.
+    record["embedding_rows_from"] = config.train.embedding_rows_from
     return record
 
 

@@ -81,8 +81,14 @@ def assumptions(config: Config, world_size: int) -> list[str]:
                         f"DP = {dp}) or the expert-data-parallel group (experts, EDP = {edp})")
     else:
         sharding = "whole on every rank (parallel.distributed_optimizer is off)"
-    return [
+    lines = [
         f"weights in train.dtype ({config.train.dtype}: {weight_bytes_per_parameter(config)} B/param); "
         "gradients in megatron DDP's fp32 buffer (4 B/param, whole on every rank)",
         f"Adam m and v in fp32 (8 B/param){master}, {sharding}",
     ]
+    if config.train.optimizer == "muon":
+        # Muon keeps one fp32 momentum per matrix element (4 B) where Adam keeps two; its
+        # layer-wise distributed form shards whole weights, unevenly, over the same group.
+        lines.append("train.optimizer = muon: every parameter is counted at Adam's 8 B/param, an upper bound "
+                     "(Muon's matrices need 4 B/param for their one momentum buffer)")
+    return lines

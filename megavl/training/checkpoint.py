@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megavl.config import Config, config_to_dict
 from megavl.models.parts import trained_parts
 from megavl.training.checkpoint_files import LATEST, PARTIAL, iteration_dir, latest_checkpoint, publish
-from megavl.training.optimizer import initialize_state_for_loading, restore_adam_steps
+from megavl.training.optimizer import initialize_state_for_loading, optimizer_form, restore_adam_steps
 
 __all__ = [
     "LATEST",
@@ -170,6 +170,7 @@ def save_checkpoint(
     state["config"] = config_to_dict(config)
     state["layout"] = _layout()
     state["trained_parts"] = trained_parts(config)
+    state["optimizer_form"] = optimizer_form(config, ps.get_data_parallel_world_size())
 
     def put_in_place():
         _raise_if_failed(_attempt(lambda: publish(root, partial, final)) if rank0 else None, partial)
@@ -259,6 +260,7 @@ def load_checkpoint(
     scheduler=None,
     data_stream=None,
     trained: Optional[dict] = None,
+    form: Optional[dict] = None,
 ) -> TrainState:
     """Restores what the checkpoint at path (a root with `latest`, or one iter folder) holds.
 
@@ -266,7 +268,9 @@ def load_checkpoint(
     schedule. TP or PP changed: weights and schedule; the optimizer state
     starts fresh (its saved form follows the TP/PP partitioning), as it does when
     ``trained`` (this run's ``trained_parts``) differs from what the checkpoint
-    trained. With optimizer=None only the weights are loaded (fine-tuning or evaluating).
+    trained, or ``form`` (this run's ``optimizer_form``) differs from the saved one (another
+    optimizer, or Muon's layer-wise state at another DP size). With optimizer=None only the
+    weights are loaded (fine-tuning or evaluating).
     """
     folder = latest_checkpoint(path)
     if folder is None:
@@ -280,8 +284,11 @@ def load_checkpoint(
         k: now[k] for k in ("tensor", "pipeline")
     }
     saved_parts = common.get("trained_parts", trained_parts(Config()))  # older checkpoints trained everything
+    saved_parts.setdefault("embedding_rows_from", None)  # recorded since embedding expansion
     same_parts = trained is None or saved_parts == trained
-    with_optimizer = optimizer is not None and same_model_split and same_parts
+    saved_form = common.get("optimizer_form", {"optimizer": "adamw", "layer_wise_data_parallel": None})
+    same_form = form is None or saved_form == form
+    with_optimizer = optimizer is not None and same_model_split and same_parts and same_form
     if with_optimizer:
         initialize_state_for_loading(optimizer)
 
@@ -310,16 +317,26 @@ def load_checkpoint(
             "RNG and data positions start fresh",
             folder, saved, now, ", optimizer" if with_optimizer else " (optimizer state starts fresh)",
         )
+    if optimizer is not None and not same_form:
+        log.warning("checkpoint %s holds optimizer state of the form %s, this run's is %s: "
+                    "this run's optimizer starts fresh", folder, saved_form, form)
     if optimizer is not None and not same_parts:
         log.warning("checkpoint %s trained other parts or multipliers (train.parts) than this run: "
                     "its optimizer state is not restored; this run's optimizer starts fresh", folder)
     return TrainState(**state["train_state"])
 
 
-def save_model_weights(model, directory: str) -> None:
-    """Weights only, e.g. a converted or freshly initialised model."""
+def save_model_weights(model, directory: str, made_by: Optional[str] = None,
+                       lineage: Optional[list] = None) -> None:
+    """Weights only, e.g. a converted or freshly initialised model; ``made_by`` (the tool) and
+    ``lineage`` (the stages that led to the weights it transformed) keep a recipe's chain whole."""
     os.makedirs(directory, exist_ok=True)
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, directory)
+    state = {"model": model.sharded_state_dict()}
+    if made_by is not None:
+        state["made_by"] = made_by
+    if lineage:
+        state["lineage"] = lineage
+    dist_checkpointing.save(state, directory)
 
 
 def load_model_weights(model, directory: str, allow_fresh_adapters: bool = False) -> list[str]:

@@ -20,6 +20,7 @@ import os
 from typing import Optional
 
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megavl.config import Config, replace_field
 from megavl.models.parts import trained_parts
@@ -34,6 +35,7 @@ from megavl.training.checkpoint import (
 )
 from megavl.training.checkpoint_files import prune, remove_incomplete
 from megavl.training.nonfinite import parameters_finite
+from megavl.training.optimizer import optimizer_form
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +66,17 @@ def with_resume_resolved(config: Config, metrics) -> Config:
 
 def stage_lineage(pretrained: str) -> list[dict]:
     """The stages that led to the weights in ``pretrained``: what its own checkpoint recorded,
-    plus that checkpoint itself (a weights-only folder, e.g. a converted model, has no stage)."""
+    plus that checkpoint itself (a weights-only folder, e.g. a converted model, has no stage;
+    one a tool made from a trained checkpoint names the tool and keeps that checkpoint's chain)."""
     from megatron.core import dist_checkpointing
 
     folder = latest_checkpoint(pretrained)
     common = dist_checkpointing.load_common_state_dict(folder)
     train_state = common.get("train_state") or {}
     stored = common.get("config") or {}
-    earlier = list((train_state.get("extra") or {}).get("lineage", []))
+    earlier = list(common.get("lineage") or (train_state.get("extra") or {}).get("lineage", []))
     return earlier + [{
-        "stage": (stored.get("train") or {}).get("stage"),
+        "stage": (stored.get("train") or {}).get("stage") or common.get("made_by"),
         "checkpoint": os.path.abspath(folder),
         "step": train_state.get("step"),
     }]
@@ -97,7 +100,8 @@ class Checkpointer:
         state = TrainState()
         if c.load:
             state = load_checkpoint(c.load, self.model, self.optimizer, self.scheduler, self.data,
-                                    trained=trained_parts(self.config))
+                                    trained=trained_parts(self.config),
+                                    form=optimizer_form(self.config, ps.get_data_parallel_world_size()))
             self.metrics.message(f"resumed from {latest_checkpoint(c.load)} at step {state.step}")
         elif c.pretrained:
             fresh = load_model_weights(self.model, c.pretrained, allow_fresh_adapters=True)
@@ -107,7 +111,8 @@ class Checkpointer:
         lineage = state.extra.get("lineage")
         if lineage:
             self.metrics.message("stage lineage: " + " -> ".join(
-                f"{entry['stage'] or 'weights'} ({entry['checkpoint']}, step {entry['step']})" for entry in lineage)
+                f"{entry['stage'] or 'weights'} ({entry['checkpoint']}"
+                + (f", step {entry['step']})" if entry["step"] is not None else ")") for entry in lineage)
                 + f" -> {self.config.train.stage or 'this run'}")
         self._start_step = state.step
         return state

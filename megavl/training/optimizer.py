@@ -1,5 +1,6 @@
-"""megatron's (distributed) AdamW and its learning-rate schedule: linear warmup, then cosine,
-linear, constant or WSD (warmup-stable-decay) decay to train.min_lr."""
+"""megatron's (distributed) AdamW, or Muon with AdamW beside it (megavl/training/muon.py), and
+the learning-rate schedule: linear warmup, then cosine, linear, constant or WSD
+(warmup-stable-decay) decay to train.min_lr."""
 
 from __future__ import annotations
 
@@ -26,10 +27,24 @@ def build_optimizer(config: Config, model_chunks: list):
         params_dtype=torch.bfloat16 if t.dtype == "bf16" else torch.float32,
         use_distributed_optimizer=config.parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=_param_overrides(config, optimizer_config))
+    overrides = _param_overrides(config, optimizer_config)
+    if t.optimizer == "muon":
+        from megavl.training.muon import build_muon_chain
+
+        optimizer = build_muon_chain(config, model_chunks, optimizer_config, overrides)
+    else:
+        optimizer = get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=overrides)
     _complete_torch_adam_state_init(optimizer)
     _expert_optimizer_uses_expert_tp_group(optimizer)
     return optimizer
+
+
+def optimizer_form(config: Config, data_parallel: int) -> dict:
+    """What a saved optimizer state depends on beyond the parts (checkpoints record it): the
+    optimizer, and for Muon's layer-wise distributed state the DP size that assigned each rank
+    its weights."""
+    layer_wise = config.train.optimizer == "muon" and config.parallel.distributed_optimizer
+    return {"optimizer": config.train.optimizer, "layer_wise_data_parallel": data_parallel if layer_wise else None}
 
 
 def _expert_optimizer_uses_expert_tp_group(optimizer) -> None:

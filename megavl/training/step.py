@@ -26,6 +26,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megavl.config import Config
 from megavl.models import inputs as model_inputs
+from megavl.models.embedding_rows import zero_frozen_row_grads
+from megavl.platform.distributed import collective_device
 from megavl.platform.features import detect
 
 
@@ -103,6 +105,9 @@ def train_step(
         micro_batch_size=config.train.micro_batch_size,
         forward_only=False,
     )
+    # train.embedding_rows_from: the rows below it get zero gradients, hence no update. Here the
+    # gradients are reduced (megatron's finalize ran) and no optimizer has read them yet.
+    zero_frozen_row_grads(config, model_chunks)
     loss, tokens = reduce_step_loss(losses)
     finite = _all_finite(model_chunks, loss)
     updated, grad_norm = False, None
@@ -147,7 +152,7 @@ def evaluate(config: Config, model_chunks: list, data, microbatches: int) -> flo
             for _ in range(config.train.eval_steps):
                 batches = data.next_step()
                 # Every rank must run the same number of schedules; stop when any rank ran dry.
-                have = torch.tensor([len(batches) == microbatches], dtype=torch.int)
+                have = torch.tensor([len(batches) == microbatches], dtype=torch.int, device=collective_device())
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)
                 if not have.item():
                     break
