@@ -81,12 +81,19 @@ def _counted(model, config, batch, backward: bool):
     from megavl.models import inputs
     from megavl.platform.features import detect
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     platform = detect()
     batch = inputs.to_device(batch, config, platform.device)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        loss = inputs.forward(model, batch, config, platform)
-        if backward:
-            (loss * batch["loss_mask"]).sum().backward()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            loss = inputs.forward(model, batch, config, platform)
+            if backward:
+                (loss * batch["loss_mask"]).sum().backward()
+    finally:
+        # A backward outside megatron's schedule leaves the MoE aux-loss scale as megatron's
+        # 0-d default, which the schedule's later [1]-shaped set_loss_scale cannot copy into.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
     return counter.get_flop_counts()
 
 
