@@ -41,7 +41,7 @@ def test_an_unknown_stage_names_the_valid_ones():
 
 
 @pytest.mark.slow
-def test_a_stage_started_from_the_previous_stage_records_the_chain_and_starts_its_schedule_afresh(
+def test_the_four_stage_chain_records_its_lineage_and_each_stage_starts_its_schedule_afresh(
         data_dir, tmp_path):
     from megatron.core import dist_checkpointing
 
@@ -64,3 +64,25 @@ def test_a_stage_started_from_the_previous_stage_records_the_chain_and_starts_it
     common = dist_checkpointing.load_common_state_dict(f"{pretrain}/checkpoints/iter_0000003")
     assert common["train_state"]["extra"]["lineage"] == [{"stage": "align", "checkpoint": first, "step": 2}]
     assert common["config"]["train"]["stage"] == "pretrain"
+
+    # The rest of the ZAYA1-VL chain: new tokens, a stage training only their rows, then sft.
+    from megavl.convert.vocab_expansion import expand_vocab
+    from megavl.data.tokenizer import load_tokenizer
+
+    expanded, expand, sft = tmp_path / "expanded", tmp_path / "expand", tmp_path / "sft"
+    old_size = len(load_tokenizer(f"{data_dir}/tokenizer"))
+    result = expand_vocab(f"{pretrain}/checkpoints", f"{data_dir}/tokenizer", ["<|ref_start|>", "<|ref_end|>"],
+                          str(expanded), init="tokens", log=lambda line: None)
+    assert result.first_new_id == old_size
+    new = [f"data.tokenizer={expanded}/tokenizer", f"model.lm.vocab_size={result.new_vocab_size}"]
+    out = _train(1, _overrides(data_dir, expand, steps=2, extra=[
+        *new, "train.stage=expand_embeddings", f"train.embedding_rows_from={old_size}",
+        f"checkpoint.pretrained={expanded}", "train.warmup_steps=1"]))
+    assert (f"stage expand_embeddings: trains lm_embeddings, output_layer; frozen: vision, adapter, lm, "
+            f"vision_lora, router; embedding rows >= {old_size} only") in out
+    out = _train(1, _overrides(data_dir, sft, steps=2, extra=[
+        *new, "train.stage=sft", "train.optimizer=muon", f"checkpoint.pretrained={expand}/checkpoints",
+        "train.warmup_steps=1"]))
+    assert (f"stage lineage: align ({first}, step 2) -> pretrain ({pretrain}/checkpoints/iter_0000003, step 3) "
+            f"-> expand_vocab ({expanded}) -> expand_embeddings ({expand}/checkpoints/iter_0000002, step 2) -> sft") in out
+    assert "optimizer: Muon for " in out
