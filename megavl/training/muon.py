@@ -224,8 +224,8 @@ def build_muon_chain(config: Config, model_chunks: list, optimizer_config, overr
     bf16 = optimizer_config.bf16
     if layer_wise:
         optimizer_config.bf16 = False
-    matrices = _muon_parameters(model_chunks)
-    with _only_trainable(model_chunks, {id(p) for p in matrices}):
+    matrices = {id(p) for p in _muon_parameters(model_chunks)}
+    with _only_trainable(model_chunks, matrices):
         groups = _get_param_groups(model_chunks, optimizer_config, overrides)
     for group in groups:
         # The scheduler sets each group's lr from its max_lr / min_lr.
@@ -242,8 +242,7 @@ def build_muon_chain(config: Config, model_chunks: list, optimizer_config, overr
         optimizers[-1].grad_stats_parallel_group = pg_collection.tp_ep_pp
     init_fns = [init_momentum] * len(optimizers)
 
-    rest = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad and id(p) not in
-            {id(q) for q in matrices}]
+    rest = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad and id(p) not in matrices]
     if rest:
         with _only_trainable(model_chunks, {id(p) for p in rest}):
             adam = get_megatron_optimizer(optimizer_config, model_chunks, config_overrides=overrides)
