@@ -42,6 +42,7 @@ __all__ = [
     "block_mask",
     "build_vlm_dense_mask",
     "materialize",
+    "materialize_rows",
 ]
 
 PAD_DOCUMENT_ID = -1
@@ -292,4 +293,24 @@ def materialize(mask_mod: MaskMod, batch: int, seq_len: int, backend: str):
         return dense_mask(mask_mod, batch, seq_len)
     if backend == "flex":
         return block_mask(mask_mod, batch, seq_len)
+    raise ValueError(f"attention backend {backend!r} is not one of ['flex', 'sdpa']")
+
+
+def materialize_rows(mask_mod: MaskMod, batch: int, query_start: int, query_len: int, kv_len: int, backend: str):
+    """The rows ``query_start .. query_start + query_len`` of the mask against keys ``0 .. kv_len``,
+    in the back end's form: a step of generation with a KV cache attends from its new tokens
+    to every cached one, by the same rule as training."""
+    for name, value in (("batch", batch), ("query_len", query_len), ("kv_len", kv_len)):
+        _check_size(name, value)
+    if isinstance(query_start, bool) or not isinstance(query_start, int) or query_start < 0:
+        raise ValueError(f"query_start must be a non-negative int, got {query_start!r}")
+    device = _resolve_device(mask_mod, None)
+
+    def rows(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask_mod(b, h, q_idx + query_start, kv_idx)
+
+    if backend == "sdpa":
+        return create_mask(rows, batch, 1, query_len, kv_len, device=device)
+    if backend == "flex":
+        return create_block_mask(rows, batch, None, query_len, kv_len, device=device)
     raise ValueError(f"attention backend {backend!r} is not one of ['flex', 'sdpa']")

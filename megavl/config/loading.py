@@ -174,7 +174,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _apply_override(data: dict, text: str) -> None:
+def apply_override(data: dict, text: str) -> None:
+    """Sets one `key.path=value` override in a config's dict form, checking the key."""
     parts, value = _parse_override(text)
     cls: Any = Config
     node = data
@@ -239,7 +240,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
         # A lone string would otherwise be applied one character at a time.
         overrides = [overrides]
     for text in overrides:
-        _apply_override(data, text)
+        apply_override(data, text)
     return config_from_dict(with_stage_preset(data))
 
 

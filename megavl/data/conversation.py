@@ -50,8 +50,9 @@ def _record_name(record: dict) -> str:
     return repr(record.get("id", "<no id>"))
 
 
-def _messages(record: dict) -> list[dict]:
-    """The record's messages, checked for shape and roles."""
+def _messages(record: dict, prompt: bool = False) -> list[dict]:
+    """The record's messages, checked for shape and roles (a prompt ends with a user message
+    and needs no answer)."""
     name = _record_name(record)
     messages = record.get("conversations")
     if not isinstance(messages, list) or not messages:
@@ -66,14 +67,17 @@ def _messages(record: dict) -> list[dict]:
             raise ValueError(f"record {name}: system message at position {i}; only the first may be one")
         if role != "user" and IMAGE_PLACEHOLDER in message["content"]:
             raise ValueError(f"record {name}: {IMAGE_PLACEHOLDER} in a {role} message; images belong to user turns")
-    if not any(m["role"] == "assistant" for m in messages):
+    if prompt:
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"record {name}: a prompt ends with a user message, not a {messages[-1]['role']} one")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"record {name}: no assistant message, so nothing to train on")
     return messages
 
 
-def count_image_placeholders(record: dict) -> int:
+def count_image_placeholders(record: dict, prompt: bool = False) -> int:
     """How many images the record refers to; raises ValueError for a malformed record."""
-    return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in _messages(record) if m["role"] == "user")
+    return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in _messages(record, prompt) if m["role"] == "user")
 
 
 def image_parts(image) -> list[tuple[str, ImagePatches]]:
@@ -140,15 +144,20 @@ class SampleEncoder:
         rng = random.Random(f"{self.seed}:{record.get('id', '')}")
         return rng.random() < prob
 
-    def encode(self, record: dict, images: Sequence[Union[ImagePatches, Sequence[tuple[str, ImagePatches]]]]) -> Sample:
+    def encode(self, record: dict, images: Sequence[Union[ImagePatches, Sequence[tuple[str, ImagePatches]]]],
+               prompt: bool = False) -> Sample:
         """``images`` holds one entry per <image> placeholder: an ImagePatches,
-        or for a tiled image its parts as (tag text, ImagePatches) in order."""
+        or for a tiled image its parts as (tag text, ImagePatches) in order.
+
+        ``prompt``: the record ends with the question to answer; the tokens end with the
+        assistant header, exactly as training laid them out before the answer, with no
+        targets and no conversation masking (generation sees one visible history)."""
         name = _record_name(record)
-        messages = _messages(record)
+        messages = _messages(record, prompt)
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
         if placeholders != len(images):
             raise ValueError(f"record {name}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
-        masked = self.uses_conversation_mask(record)
+        masked = not prompt and self.uses_conversation_mask(record)
         # all_text: everything after the system prompt is a target except the image spans.
         all_text = self.config.train.loss_scope == "all_text"
         after_system = False
@@ -214,6 +223,10 @@ class SampleEncoder:
                     flat_images.append(image)
                 add_text(piece, turn)
             add([self.im_end] + self._newline, turn)
+        if prompt:
+            add([self.im_start] + self._text("assistant\n"), turn)
+            return Sample(tokens=tokens, labels=[IGNORE_INDEX] * len(tokens), turn_ids=[0] * len(tokens),
+                          images=flat_images, key=str(record.get("id", "")))
 
         # Position i predicts token i+1.
         labels = [tokens[i + 1] if trained[i + 1] else IGNORE_INDEX for i in range(len(tokens) - 1)]

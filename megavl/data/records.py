@@ -89,17 +89,19 @@ class RecordDecoder:
         members: Mapping[str, bytes],
         policy: Optional[ResolutionConfig] = None,
         max_pixels: Optional[int] = None,
+        prompt: bool = False,
     ) -> PlannedRecord:
         """members maps extensions (``json``, ``img0.png``, ...) to bytes. policy
         defaults to config.data.resolution; max_pixels (the progressive
         schedule's cap) lowers the policy's native max_pixels, never raises it.
-        Only image headers are read here."""
+        Only image headers are read here. ``prompt``: the record ends with a question and is
+        encoded as a generation prompt (SampleEncoder.encode)."""
         policy = policy or self.config.data.resolution
         if max_pixels is not None:
             max_pixels = min(max_pixels, policy.max_pixels)
         record = self._record(key, members)
         try:
-            wanted = count_image_placeholders(record)
+            wanted = count_image_placeholders(record, prompt)
         except ValueError as e:
             raise RecordSkip("invalid_record", str(e)) from None
         images = image_members(members)
@@ -112,7 +114,7 @@ class RecordDecoder:
         placeholders = [[(part.tag, self._planned_patches(size)) for part, size in _part_sizes(plan)]
                         for _, plan in plans]
         try:
-            sample = self.encoder.encode(record, placeholders)
+            sample = self.encoder.encode(record, placeholders, prompt)
         except ValueError as e:
             raise RecordSkip("invalid_record", str(e)) from None
         return PlannedRecord(sample, plans)

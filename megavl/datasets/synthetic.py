@@ -15,7 +15,8 @@ Layout written by ``generate(out_dir, ...)``::
 
 A sample with key ``train-0000042`` holds ``train-0000042.json`` and one PNG
 per ``<image>`` placeholder, ``train-0000042.img0.png``, ``.img1.png``, ... in
-the order the placeholders appear in the user turns. Coordinates in answers
+the order the placeholders appear in the user turns. A grounding record also holds
+``target_boxes``: per QA turn, the named object's box on the 0..1000 scale. Coordinates in answers
 are integers on a 0..1000 scale of the image's width and height.
 
 The same seed and parameters give byte-identical shards: every sample draws
@@ -127,10 +128,11 @@ def make_sample(seed: int, split: str, index: int, task: str) -> tuple[dict, lis
     language = "ar" if rng.random() < ARABIC_FRACTION else "en"
     turns, pictures, grounding = TASK_BUILDERS[task](rng, language)
     prefix = (IMAGE_PLACEHOLDER + "\n") * len(pictures)
-    conversations = []
-    for i, (question, answer) in enumerate(turns):
+    conversations, target_boxes = [], []
+    for i, (question, answer, *box) in enumerate(turns):
         conversations.append({"role": "user", "content": (prefix if i == 0 else "") + question})
         conversations.append({"role": "assistant", "content": answer})
+        target_boxes.append(box[0] if box else None)
     key = sample_key(split, index)
     record = {
         "id": key,
@@ -139,6 +141,9 @@ def make_sample(seed: int, split: str, index: int, task: str) -> tuple[dict, lis
         "grounding": grounding,
         "conversations": conversations,
     }
+    if grounding:
+        # Per turn, the named object's box (0..1000): a pointing answer hits when inside it.
+        record["target_boxes"] = target_boxes
     # After the task: a text picture's layout draws from rng, following all the task drew.
     return record, [png_bytes(_draw(picture, rng)) for picture in pictures]
 

@@ -93,22 +93,29 @@ def _count_question(rng: random.Random, shape, colour, language: str) -> str:
     return rng.choice(templates).format(_plural_phrase(shape, colour, language))
 
 
-def _point_qa(scene: Scene, target: Shape, language: str) -> tuple[str, str]:
+def _point_qa(scene: Scene, target: Shape, language: str) -> tuple[str, str, list[int]]:
     cx, cy = target.centre
     x, y = _scale(cx, scene.width), _scale(cy, scene.height)
-    return _grounded_qa(target, language, POINT_QUESTIONS, f"{POINT_START}({x}, {y}){POINT_END}")
+    return _grounded_qa(scene, target, language, POINT_QUESTIONS, f"{POINT_START}({x}, {y}){POINT_END}")
 
 
-def _box_qa(scene: Scene, target: Shape, language: str) -> tuple[str, str]:
+def _box_qa(scene: Scene, target: Shape, language: str) -> tuple[str, str, list[int]]:
+    coords = _scaled_box(scene, target)
+    return _grounded_qa(scene, target, language, BOX_QUESTIONS, f"{BOX_START}[{', '.join(map(str, coords))}]{BOX_END}")
+
+
+def _scaled_box(scene: Scene, target: Shape) -> list[int]:
     x0, y0, x1, y1 = target.box
-    coords = [_scale(x0, scene.width), _scale(y0, scene.height), _scale(x1, scene.width), _scale(y1, scene.height)]
-    return _grounded_qa(target, language, BOX_QUESTIONS, f"{BOX_START}[{', '.join(map(str, coords))}]{BOX_END}")
+    return [_scale(x0, scene.width), _scale(y0, scene.height), _scale(x1, scene.width), _scale(y1, scene.height)]
 
 
-def _grounded_qa(target: Shape, language: str, questions: dict[str, str], location: str) -> tuple[str, str]:
-    """The question naming ``target``, and the answer: its reference followed by ``location``."""
+def _grounded_qa(scene: Scene, target: Shape, language: str, questions: dict[str, str],
+                 location: str) -> tuple[str, str, list[int]]:
+    """The question naming ``target``, the answer (its reference followed by ``location``) and
+    the target's box on the 0..1000 scale (what a pointing answer must fall inside)."""
     phrase = _object_phrase(target.shape, target.colour, language)
-    return questions[language].format(phrase), f"{OBJECT_REF_START}{phrase}{OBJECT_REF_END}{location}"
+    answer = f"{OBJECT_REF_START}{phrase}{OBJECT_REF_END}{location}"
+    return questions[language].format(phrase), answer, _scaled_box(scene, target)
 
 
 def _scale(pixels: float, extent: int) -> int:
@@ -125,8 +132,9 @@ def _count_predicate(rng: random.Random) -> tuple[Optional[str], Optional[str]]:
 
 
 # ---------------------------------------------------------------- tasks
-# Each returns (turns as (question, answer) pairs, pictures to draw, grounding);
-# the first question starts with one placeholder per picture.
+# Each returns (turns, pictures to draw, grounding); a turn is (question, answer) or, for a
+# grounding question, (question, answer, the target's 0..1000 box). The first question starts
+# with one placeholder per picture.
 
 
 def _counting(rng: random.Random, language: str):

@@ -96,11 +96,13 @@ class VisionLanguageModel(MegatronModule):
         pixel_values: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.Tensor] = None,
         gather_logits: bool = False,
+        inference_context=None,
     ) -> torch.Tensor:
         """Per-token loss [b, s] when labels are given (last stage), else logits or hidden states.
 
         labels must be valid token ids; positions without a target are masked by
-        the caller's loss mask, not here.
+        the caller's loss mask, not here. inference_context: megatron's KV cache for
+        generation (megavl/eval/generation.py); tokens are then the ones not yet cached.
         """
         decoder_input = self._embed(tokens, pixel_values, image_grid_thw) if self.pre_process else None
         with vision_tokens(tokens == self.image_token_id):
@@ -111,6 +113,7 @@ class VisionLanguageModel(MegatronModule):
                 decoder_input=decoder_input,
                 labels=labels,
                 runtime_gather_output=gather_logits or None,
+                inference_context=inference_context,
             )
 
     def _embed(self, tokens, pixel_values, image_grid_thw) -> torch.Tensor:
