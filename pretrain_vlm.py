@@ -138,6 +138,7 @@ def train(config) -> None:
     microbatches = num_microbatches(config, layout.data)
     pixel_cap = _max_pixel_cap(config)
     train_data = _step_batches(config, tokenizer, layout, microbatches, max_pixels=pixel_cap(0))
+    task_items = _task_eval_items(config, metrics)
 
     # 4. Resume, or start from pretrained weights.
     checkpointer = Checkpointer(config, model, optimizer, scheduler, train_data, metrics)
@@ -177,6 +178,8 @@ def train(config) -> None:
         if config.data.val_path and state.step % config.train.eval_interval == 0:
             val_data = _step_batches(config, tokenizer, layout, microbatches, split="val")
             metrics.log_eval(state.step, {"loss": evaluate(config, chunks, val_data, microbatches)})
+        if task_items and _task_eval_due(config, state.step):
+            metrics.log_tasks(state.step, _evaluate_tasks(config, model, chunks, tokenizer, task_items, layout))
         checkpointer.poll()
         checkpointer.save(state)
         if state.step < config.train.steps:  # the same condition on every rank: all or none join
@@ -188,7 +191,11 @@ def train(config) -> None:
         metrics.message(f"stopped at step {state.step} of {config.train.steps}: {stopped}; "
                         + (f"exit status {EXIT_PREEMPTED}, the same command resumes"
                            if config.checkpoint.dir else "nothing saved (checkpoint.dir is not set)"))
-    metrics.message(f"logs: {os.path.abspath(config.logging.dir)} (metrics.jsonl, tensorboard/)")
+    if is_logger:
+        _plot(config, metrics)
+    log_dir = os.path.abspath(config.logging.dir)
+    metrics.message(f"logs: {log_dir} (metrics.jsonl, metrics.png, tensorboard/); "
+                    f"browse them with: tensorboard --logdir {os.path.join(log_dir, 'tensorboard')}")
     train_data.close()
     metrics.close()
     shutdown()
@@ -212,6 +219,49 @@ def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "tr
         microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
         balance=training and config.data.balance_vision_tokens, group=_data_parallel_group() if training else None,
     )
+
+
+def _plot(config, metrics) -> None:
+    """metrics.png beside metrics.jsonl; a run whose checkpoint is saved does not fail over a plot."""
+    from megavl.training.metrics_plot import plot_metrics
+
+    try:
+        metrics.message(f"plot of loss and task accuracy: {plot_metrics(config.logging.dir)}")
+    except Exception as e:  # noqa: BLE001 - matplotlib and the file system raise many kinds
+        logging.getLogger(__name__).warning("metrics.png not written: %s: %s", type(e).__name__, e)
+
+
+def _task_eval_items(config, metrics):
+    """The validation items task evaluation answers (train.task_eval), read once; None when off."""
+    from megavl.eval.items import load_items
+
+    e = config.train.task_eval
+    if e.interval is None:
+        return None
+    items = load_items(config.data.val_path, e.samples)
+    metrics.message(f"task evaluation: {len(items)} answers of the first {e.samples} validation records, "
+                    f"every {e.interval} steps" + (" and after the last" if e.at_end else ""))
+    return items
+
+
+def _task_eval_due(config, step: int) -> bool:
+    e = config.train.task_eval
+    return step % e.interval == 0 or (e.at_end and step == config.train.steps)
+
+
+def _evaluate_tasks(config, model, chunks, tokenizer, items, layout):
+    """Generates on every data-parallel rank's share of the items; the reduced table."""
+    from megavl.eval.generation import GenerationSettings
+    from megavl.eval.task_eval import evaluate_tasks
+    from megavl.platform.features import detect
+
+    e = config.train.task_eval
+    try:
+        return evaluate_tasks(model, config, detect(), tokenizer, items, GenerationSettings(e.max_new_tokens),
+                              e.batch_size, layout.data_rank, layout.data, _data_parallel_group())
+    finally:
+        for chunk in chunks:
+            chunk.train()
 
 
 def _with_image_backend_chosen(config, metrics):

@@ -24,9 +24,13 @@ setup(
         "psutil>=5.9",
         "einops>=0.7",
         "webdataset>=0.2.90",
+        # Shard lists in energon's split.yaml are brace patterns (megavl/eval/items.py reads them).
+        "braceexpand>=0.1.7",
         # The data loader: blending, DP/worker sharding, exact save/restore.
         "megatron-energon>=7.4,<8",
         "jinja2>=3.1",
+        # metrics.png: loss and task accuracy over steps, written at the end of a run.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120>=1.40"],

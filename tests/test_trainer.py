@@ -120,11 +120,15 @@ def test_moe_with_expert_parallelism_learns_and_reports_router_metrics(data_dir,
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(_free_port()), str(ROOT / "pretrain_vlm.py"),
-               "--config", str(moe_config), "--set", *_overrides(data_dir, run, steps=12)]
+               "--config", str(moe_config), "--set", *_overrides(data_dir, run, steps=12),
+               # Task accuracy on both data-parallel ranks' shares, decoding in lockstep (EP=2).
+               "train.task_eval.interval=6", "train.task_eval.samples=7", "train.task_eval.max_new_tokens=6",
+               "train.task_eval.batch_size=3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-6000:]
     with open(run / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
+    _check_task_evaluation(rows, run, result.stdout, data_dir, samples=7, steps=[6, 12])
     train = [r for r in rows if "loss" in r]
     first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
@@ -148,3 +152,28 @@ def test_moe_with_expert_parallelism_learns_and_reports_router_metrics(data_dir,
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert "moe/expert_load" in events.Tags()["images"]
+
+
+def _check_task_evaluation(rows, run, stdout, data_dir, samples, steps):
+    """Task accuracy was logged at the given steps: every answer of the first records counted once
+    over the ranks' shares, to metrics.jsonl, TensorBoard (scalars and example answers), the
+    console and metrics.png."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megavl.eval.items import load_items
+
+    items = load_items(str(data_dir / "val"), samples)
+    tasks = [r for r in rows if "task_all/accuracy" in r]
+    assert [r["step"] for r in tasks] == steps
+    for row in tasks:
+        assert 0.0 <= row["task_all/accuracy"] <= 1.0 and row["task_skipped"] == {}
+        assert {k for k in row if k.endswith("/accuracy")} == {"task_all/accuracy"} | {
+            f"task_{item.group}/accuracy" for item in items}
+    assert stdout.count("| task accuracy") == len(steps)
+    assert re.search(rf"\nall +{len(items)} +[0-9.]+%", stdout), stdout[-3000:]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("task/all/accuracy")] == steps
+    assert "task/examples/text_summary" in events.Tags()["tensors"]
+    assert (run / "metrics.png").stat().st_size > 10_000
+

@@ -343,6 +343,23 @@ def _check_train(c: _Checks, config: Config, dp: Optional[int]) -> None:
     c.at_least("train.eval_interval", t.eval_interval, 1)
     c.at_least("train.eval_steps", t.eval_steps, 1)
     _check_muon(c, config)
+    _check_task_eval(c, config)
+
+
+def _check_task_eval(c: _Checks, config: Config) -> None:
+    e, p = config.train.task_eval, config.parallel
+    if e.interval is None:
+        return
+    c.at_least("train.task_eval.interval", e.interval, 1)
+    for name in ("samples", "max_new_tokens", "batch_size"):
+        c.at_least(f"train.task_eval.{name}", getattr(e, name), 1)
+    c.require(bool(config.data.val_path),
+              "train.task_eval.interval is set but data.val_path is not: task evaluation reads the validation set")
+    # Generation runs the model whole along the pipeline and decodes one token at a time.
+    c.require(p.pipeline == 1, f"train.task_eval.interval is set with parallel.pipeline = {p.pipeline}: "
+              "generation during training needs one pipeline stage; evaluate checkpoints with tools/evaluate.py")
+    c.require(not p.sequence_parallel, "train.task_eval.interval is set with parallel.sequence_parallel = true: "
+              "one decoded token cannot be split along the sequence; evaluate checkpoints with tools/evaluate.py")
 
 
 def _check_muon(c: _Checks, config: Config) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "MuonTPMode",
     "MuonScaleMode",
     "MuonConfig",
+    "TaskEvalConfig",
     "LRDecayStyle",
     "WSDDecayStyle",
     "LR_DECAY_STYLES",
@@ -353,6 +354,21 @@ TRAINABLE_PARTS = tuple(f.name for f in fields(TrainablePartsConfig) if f.defaul
 
 
 @dataclass
+class TaskEvalConfig:
+    """Task accuracy during training (megavl/eval/): answers generated for the first
+    ``samples`` records of data.val_path, scored and logged under task/."""
+
+    # Steps between task evaluations; None: none during training.
+    interval: Optional[int] = None
+    # Also after the last step (the run's final table), when interval is set.
+    at_end: bool = True
+    samples: int = 48
+    max_new_tokens: int = 48
+    # Prompts per generation batch on each data-parallel rank.
+    batch_size: int = 8
+
+
+@dataclass
 class MuonConfig:
     """megatron-core's Muon (train.optimizer: muon) for the 2-D weights of the language model,
     its router and the adapter; everything else (vision tower, embeddings, output layer, norms,
@@ -397,6 +413,7 @@ class TrainConfig:
     # adamw everywhere, or muon for the LM's and adapter's matrices (train.muon) with AdamW beside it.
     optimizer: OptimizerName = "adamw"
     muon: MuonConfig = field(default_factory=MuonConfig)
+    task_eval: TaskEvalConfig = field(default_factory=TaskEvalConfig)
     clip_grad: float = 1.0
     # answers: the assistant's answers (and their end-of-turn token); all_text: every token
     # after the system prompt except the images'. Either way normalised per optimizer step.

@@ -135,6 +135,24 @@ class MetricsWriter:
         shown = " | ".join(f"val {k} {v:.4f}" for k, v in metrics.items())
         print(f"step {step:>{len(str(self.total_steps))}}/{self.total_steps} | {shown}", file=self.stream, flush=True)
 
+    def log_tasks(self, step: int, results) -> None:
+        """Task accuracy (megavl/eval/task_eval.py TaskResults): scalars under task/ in
+        TensorBoard and metrics.jsonl, the table on the console, example answers as text."""
+        if not self.enabled:
+            return
+        metrics = results.metrics()
+        for name, value in metrics.items():
+            self._tensorboard.add_scalar(f"task/{name}", value, step)
+        if results.examples:
+            rows = ["| task | question | answer | reference |", "|---|---|---|---|"]
+            rows += [f"| {e['task']} | {_cell(e['question'])} | {_cell(e['answer'])} | {_cell(e['reference'])} |"
+                     for e in results.examples]
+            self._tensorboard.add_text("task/examples", "\n".join(rows), step)
+        self._jsonl.write(json.dumps({"step": step, **{f"task_{k}": v for k, v in metrics.items()},
+                                      "task_skipped": results.skipped}, ensure_ascii=False) + "\n")
+        width = len(str(self.total_steps))
+        print(f"step {step:>{width}}/{self.total_steps} | task accuracy\n{results.table()}", file=self.stream, flush=True)
+
     def log_image(self, tag: str, image_hwc, step: int) -> None:
         if self.enabled:
             self._tensorboard.add_image(tag, image_hwc, step, dataformats="HWC")
@@ -175,3 +193,8 @@ class MetricsWriter:
         if self.enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+def _cell(text: str) -> str:
+    """Text inside a markdown table cell (TensorBoard renders text summaries as markdown)."""
+    return text.replace("|", "\\|").replace("\n", " ")
