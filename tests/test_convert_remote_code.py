@@ -73,7 +73,8 @@ def test_export_loads_with_remote_code_and_matches_megavl(imported, tmp_path, im
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["image_attention"] == image_attention
     assert hf_config["vision_lora"] == {"mlp_rank": mlp_rank, "attn_rank": attn_rank, "alpha": 8.0}
-    assert (out / "modeling_megavl.py").is_file() and (out / "configuration_megavl.py").is_file()
+    for name in ("modeling_megavl.py", "configuration_megavl.py", "processing_megavl.py"):
+        assert (out / name).is_file()
 
     # megavl -> Hugging Face -> megavl: every tensor unchanged, the features restored.
     again = tmp_path / "again"
@@ -181,7 +182,7 @@ def test_import_never_runs_python_code_from_the_folder(imported, tmp_path):
     out = tmp_path / "hf_out"
     export_to_hf(str(ckpt), str(out), verify=False, log=quiet)
     ran = tmp_path / "folder_code_ran"
-    for name in ("modeling_megavl.py", "configuration_megavl.py"):
+    for name in ("modeling_megavl.py", "configuration_megavl.py", "processing_megavl.py"):
         path = out / name
         path.write_text(f"open({str(ran)!r}, 'w').close()\nraise RuntimeError('code from the folder ran')\n"
                         + path.read_text())

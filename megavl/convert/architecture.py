@@ -91,6 +91,11 @@ class Architecture(abc.ABC):
         """preprocessor_config.json for the exported folder (None: the model takes no images)."""
         return None
 
+    def processor_config(self) -> Optional[dict]:
+        """processor_config.json for AutoProcessor, written when the tokenizer is (None: transformers
+        finds the processor from the model type)."""
+        return None
+
     def remote_code_files(self) -> list[str]:
         """Python files the exported folder needs for trust_remote_code=True (none for
         classes that ship with transformers)."""

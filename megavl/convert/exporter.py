@@ -22,7 +22,7 @@ from megavl.config import Config
 from megavl.convert.architecture import Architecture
 from megavl.convert.errors import ConversionError
 from megavl.convert.fields import DTYPES
-from megavl.convert.files import CONFIG_NAME, PREPROCESSOR_NAME, SOURCE_HF_CONFIG
+from megavl.convert.files import CONFIG_NAME, PREPROCESSOR_NAME, PROCESSOR_NAME, SOURCE_HF_CONFIG
 from megavl.convert.hf_io import ShardedSafetensorsWriter, check_new_folder, parse_size, read_json, write_json
 from megavl.convert.megavl_model import LM_PREFIX, build_single_process_model, load_megavl_config, model_tensors
 from megavl.convert.registry import architecture_for_megavl
@@ -58,6 +58,23 @@ def _write_shards(table, tensors: dict[str, torch.Tensor], out_dir: str, max_sha
         for name, value in zip(bound.hf, bound.to_hf([tensors[n] for n in bound.megavl])):
             writer.add(name, value)
     return writer.close()
+
+
+def generation_config(tokenizer, config: Config):
+    """How transformers' generate() answers as megavl's generation does (megavl/eval/generation.py):
+    an answer ends at <|im_end|> or <|endoftext|>, and the rows of an embedding table padded
+    beyond the tokenizer (ids no text decodes to) are never drawn."""
+    from transformers import GenerationConfig
+
+    from megavl.data.conversation import pad_token_id, special_token_id
+    from megavl.data.tokenizer import ENDOFTEXT, IM_END
+
+    padded = list(range(len(tokenizer), config.model.lm.vocab_size))
+    return GenerationConfig(
+        eos_token_id=[special_token_id(tokenizer, IM_END), special_token_id(tokenizer, ENDOFTEXT)],
+        pad_token_id=pad_token_id(tokenizer),
+        suppress_tokens=padded or None,
+    )
 
 
 @torch.no_grad()
@@ -110,6 +127,12 @@ def export_to_hf(
     if tok is not None:
         tok.save_pretrained(out_dir)
         written.append("the tokenizer")
+        generation_config(tok, config).save_pretrained(out_dir)
+        written.append("generation_config.json")
+        processor = arch.processor_config() if preprocessor is not None else None
+        if processor is not None:
+            write_json(os.path.join(out_dir, PROCESSOR_NAME), processor)
+            written.append(PROCESSOR_NAME)
     log(f"export: wrote {', '.join(written[:-1])} and {written[-1]} to {out_dir}")
 
     result = ExportResult(arch.name, config, out_dir, num_parameters, shards)

@@ -20,4 +20,6 @@ SOURCE_VISION_CONFIG = "hf_vision_config.json"
 
 # The model code an export for megavl's remote-code class copies next to config.json.
 REMOTE_DIR = os.path.join(os.path.dirname(__file__), "remote")
-REMOTE_FILES = ("configuration_megavl.py", "modeling_megavl.py")
+REMOTE_FILES = ("configuration_megavl.py", "modeling_megavl.py", "processing_megavl.py")
+# Names AutoProcessor looks for in an exported folder (written with the tokenizer).
+PROCESSOR_NAME = "processor_config.json"

@@ -73,6 +73,9 @@ class MegavlQwen2_5_VL(Qwen2_5_VL):
     def model_class(self):
         return _PackagedModel
 
+    def processor_config(self) -> Optional[dict]:
+        return {"processor_class": "MegavlProcessor", "auto_map": {"AutoProcessor": "processing_megavl.MegavlProcessor"}}
+
     def remote_code_files(self) -> list[str]:
         return [os.path.join(REMOTE_DIR, name) for name in REMOTE_FILES]
 
