@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup test test-fast demo recipe-demo clean
+.PHONY: setup test test-fast demo recipe-demo eval-lmms clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,10 @@ $(VENV)/.installed: setup.py Makefile tools/install_system_packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_CPU)
-	$(PY) -m pip install --quiet -e ".[dev,dali]"
+	$(PY) -m pip install --quiet -e ".[dev,dali,lmms]"
+	# lmms-eval (make eval-lmms) without its declared dependencies: they include torchvision, which
+	# has no build beside the CPU torch; what its evaluator imports is the "lmms" extra above.
+	$(PY) -m pip install --quiet --no-deps lmms-eval==0.7.3
 	# Muon (train.optimizer: muon): emerging-optimizers declares Python >= 3.12 but runs on 3.11
 	# once typing.override is provided (megavl/training/muon.py does); its import needs triton.
 	$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' && $(PY) -m pip install --quiet -e ".[muon]" || \
@@ -66,6 +69,19 @@ recipe-demo: setup $(DATA)/train/.nv-meta/split.yaml
 		model.lm.vocab_size=$$($(EXPANSION) new_vocab_size) \
 		data.tokenizer=$(EXPANDED)/tokenizer checkpoint.pretrained=$(RECIPE)/3_expand/checkpoints \
 		logging.dir=$(RECIPE)/4_sft checkpoint.dir=$(RECIPE)/4_sft/checkpoints
+
+# The demo's model through the standard tools: exported with its tokenizer, scored by
+# tools/evaluate.py (megavl's generation) and by lmms-eval on the exported folder (transformers'
+# generation), on the same EVAL_LIMIT validation records; fails if the accuracies differ.
+DEMO_RUN := runs/tiny_cpu
+EVAL_LIMIT ?= 50
+eval-lmms: demo
+	rm -rf $(DEMO_RUN)/hf
+	$(PY) tools/convert_to_hf.py --load $(DEMO_RUN)/checkpoints --out $(DEMO_RUN)/hf --tokenizer $(DATA)/tokenizer
+	$(PY) tools/evaluate.py --load $(DEMO_RUN)/checkpoints --data $(DATA)/val --limit $(EVAL_LIMIT) \
+		--out $(DEMO_RUN)/eval_megavl.json
+	$(PY) tools/eval_lmms.py --hf $(DEMO_RUN)/hf --data $(DATA)/val --limit $(EVAL_LIMIT) \
+		--out $(DEMO_RUN)/eval_lmms.json --compare $(DEMO_RUN)/eval_megavl.json
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -38,5 +38,9 @@ setup(
         "muon": ["emerging-optimizers>=0.3"],
         "gpu": ["transformer-engine[pytorch]>=2.4", "nvidia-dali-cuda120>=1.40", "emerging-optimizers>=0.3"],
         "dev": ["pytest>=8.0"],
+        # make eval-lmms and its test: what lmms-eval's evaluator imports. lmms-eval itself is installed
+        # without its declared dependencies (the Makefile), which pull torchvision and a CUDA torch.
+        "lmms": ["accelerate>=1.0", "datasets>=3.0", "evaluate>=0.4", "loguru>=0.7", "sacrebleu>=2.0",
+                 "pytz", "tenacity>=8.3"],
     },
 )
