@@ -506,3 +506,17 @@ def test_preemption_and_retention_settings_are_checked():
                      "train.max_wall_time = 0.0: must be > 0"):
         assert fragment in message, f"{fragment!r} not in:\n{message}"
     validate(load_config(None, ["train.max_wall_time=3600", "checkpoint.keep_last=3"]), 1)
+
+
+def test_task_evaluation_settings_are_checked():
+    validate(load_config(str(TINY), ["train.task_eval.interval=10"]), 2)
+    text = problems_for(["train.task_eval.interval=0", "train.task_eval.samples=0", "train.task_eval.batch_size=0"])
+    for name in ("train.task_eval.interval = 0", "train.task_eval.samples = 0", "train.task_eval.batch_size = 0"):
+        assert name in text
+    assert "data.val_path is not" in problems_for(["train.task_eval.interval=5", "data.val_path=null"])
+    assert "parallel.pipeline = 2" in problems_for(["train.task_eval.interval=5", "parallel.pipeline=2",
+                                                    "model.lm.num_layers=4"], world_size=2)
+    assert "sequence_parallel" in problems_for(["train.task_eval.interval=5", "parallel.tensor=2",
+                                                "parallel.sequence_parallel=true"], world_size=2)
+    # Off (the default), nothing about it is checked.
+    validate(load_config(None, ["train.task_eval.samples=0", "data.val_path=null"]), 1)

@@ -27,6 +27,11 @@ def test_points_hit_inside_the_named_object_and_report_their_distance():
     assert near.correct == 1 and near.distance == pytest.approx(50.0)
     outside = score_answer(REF + "<|point_start|>(600, 400)<|point_end|>", POINT, TARGET)
     assert (outside.correct, outside.parsed, outside.distance) == (0, 1, 100.0)
+    # Inside the object counts, however far from its centre; near the centre but outside does not.
+    corner = score_answer(REF + "<|point_start|>(455, 465)<|point_end|>", POINT, TARGET)
+    assert corner.correct == 1 and corner.distance > 50
+    small = [490, 390, 510, 410]
+    assert score_answer(REF + "<|point_start|>(530, 400)<|point_end|>", POINT, small).correct == 0
     # Without the object's box, within 50 units of the true point is a hit.
     assert score_answer(REF + "<|point_start|>(530, 440)<|point_end|>", POINT).correct == 1
     assert score_answer(REF + "<|point_start|>(531, 441)<|point_end|>", POINT).correct == 0

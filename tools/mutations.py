@@ -275,4 +275,37 @@ MUTATIONS = [
         tests=("tests/test_muon.py::test_muon_layout_matches_one_process[DP2-layer-wise]",),
         bug="with the layer-wise distributed Muon, a rank never receives the weights other ranks updated",
     ),
+    # -- generation and task scoring ---------------------------------------------------
+    Mutation(
+        name="generation-prefill-causal-images",
+        file="megavl/eval/generation.py",
+        old='        bidirectional = self.config.model.lm.image_attention == "bidirectional"\n',
+        new="        bidirectional = False\n",
+        tests=("tests/test_generation.py::test_cached_decoding_equals_recomputing_the_whole_sequence",),
+        bug="generation's prompt pass makes image attention causal although the model was trained bidirectional",
+    ),
+    Mutation(
+        name="generation-positions-restart-after-the-prompt",
+        file="megavl/eval/generation.py",
+        old="following = int(positions.max()) + 1 + torch.arange(total - longest)",
+        new="following = len(prompt) + torch.arange(total - longest)",
+        tests=("tests/test_generation.py::test_cached_decoding_equals_recomputing_the_whole_sequence",),
+        bug="generated tokens continue the prompt's length, not its largest multimodal RoPE position",
+    ),
+    Mutation(
+        name="point-hit-ignores-the-object",
+        file="megavl/eval/answers.py",
+        old="            hit = x0 <= predicted[1] <= x1 and y0 <= predicted[2] <= y1",
+        new="            hit = distance <= 50",
+        tests=("tests/test_eval_answers.py",),
+        bug="a pointing answer counts as a hit by its distance to the centre, not by falling inside the object",
+    ),
+    Mutation(
+        name="task-scores-not-reduced",
+        file="megavl/eval/task_eval.py",
+        old="    if data_world > 1:\n        scores, skipped = _reduced(scores, skipped, group)",
+        new="    if data_world > 2:\n        scores, skipped = _reduced(scores, skipped, group)",
+        tests=("tests/test_trainer.py::test_moe_with_expert_parallelism_learns_and_reports_router_metrics",),
+        bug="task accuracy during training reports rank 0's share only, not every data-parallel rank's",
+    ),
 ]
