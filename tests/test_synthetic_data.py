@@ -358,3 +358,16 @@ def test_missing_font_error_names_the_package(monkeypatch):
     monkeypatch.delenv(synthetic.FONT_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="fonts-dejavu-core"):
         synthetic.find_font()
+
+
+def test_task_weights_mix_the_tasks_in_proportion():
+    from collections import Counter
+
+    order = synthetic._task_order(0, "train", 100, {"counting": 3, "reading": 3, "boxes": 1})
+    assert Counter(order) == {"counting": 43, "reading": 43, "boxes": 14}
+    assert synthetic._task_order(0, "train", 100, {"counting": 3, "reading": 3, "boxes": 1}) == order
+    balanced = Counter(synthetic._task_order(0, "train", 100))
+    assert set(balanced) == set(synthetic.TASKS) and max(balanced.values()) - min(balanced.values()) <= 1
+    for bad, match in (({"count": 1}, "unknown tasks"), ({"counting": -1}, ">= 0"), ({"counting": 0}, "one > 0")):
+        with pytest.raises(ValueError, match=match):
+            synthetic.check_task_weights(bad)

@@ -35,7 +35,7 @@ import os
 import random
 import shutil
 from collections import Counter
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from PIL import Image, features
 
@@ -115,9 +115,30 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:07d}"
 
 
-def _task_order(seed: int, split: str, count: int) -> list[str]:
-    # Balanced: every task within one of count / len(TASKS), in shuffled order.
-    order = [TASKS[i % len(TASKS)] for i in range(count)]
+def check_task_weights(weights: Optional[dict]) -> None:
+    if weights is None:
+        return
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"task weights name unknown tasks {unknown}; the tasks are {TASKS}")
+    bad = {task: w for task, w in weights.items() if not isinstance(w, (int, float)) or w < 0}
+    if bad or not any(weights.values()):
+        raise ValueError(f"task weights {weights}: each must be a number >= 0, and one > 0")
+
+
+def _task_order(seed: int, split: str, count: int, weights: Optional[dict] = None) -> list[str]:
+    """Each sample's task, in shuffled order: balanced (every task within one of count / 6), or
+    with ``weights`` ({task: weight}, missing tasks 0) in proportion, by largest remainder."""
+    if weights is None:
+        order = [TASKS[i % len(TASKS)] for i in range(count)]
+    else:
+        total = sum(weights.values())
+        shares = {task: count * weights.get(task, 0) / total for task in TASKS}
+        counts = {task: int(share) for task, share in shares.items()}
+        by_remainder = sorted(TASKS, key=lambda t: (-(shares[t] - counts[t]), TASKS.index(t)))
+        for task in by_remainder[:count - sum(counts.values())]:
+            counts[task] += 1
+        order = [task for task in TASKS for _ in range(counts[task])]
     random.Random(f"{seed}/{split}/tasks").shuffle(order)
     return order
 
@@ -154,8 +175,9 @@ def _draw(picture: Picture, rng: random.Random) -> Image.Image:
     return draw_text(rng, picture.text, find_font())
 
 
-def iter_samples(seed: int, split: str, count: int) -> Iterator[tuple[dict, list[bytes]]]:
-    for index, task in enumerate(_task_order(seed, split, count)):
+def iter_samples(seed: int, split: str, count: int,
+                 task_weights: Optional[dict] = None) -> Iterator[tuple[dict, list[bytes]]]:
+    for index, task in enumerate(_task_order(seed, split, count, task_weights)):
         yield make_sample(seed, split, index, task)
 
 
@@ -192,12 +214,13 @@ def write_shards(
 # ---------------------------------------------------------------- corpus
 
 
-def _write_split(out_dir: str, split: str, count: int, seed: int, samples_per_shard: int, texts: list[str]):
+def _write_split(out_dir: str, split: str, count: int, seed: int, samples_per_shard: int, texts: list[str],
+                 task_weights: Optional[dict] = None):
     tasks, languages = Counter(), Counter()
     stats = Counter()
 
     def tracked() -> Iterator[tuple[dict, list[bytes]]]:
-        for record, images in iter_samples(seed, split, count):
+        for record, images in iter_samples(seed, split, count, task_weights):
             tasks[record["task"]] += 1
             languages[record["language"]] += 1
             stats["images"] += len(images)
@@ -229,8 +252,11 @@ def generate(
     seed: int = 0,
     vocab_size: int = 2048,
     samples_per_shard: int = 250,
+    task_weights: Optional[dict] = None,
 ) -> dict:
-    """Writes shards, tokenizer and manifest.json under ``out_dir``; returns the manifest."""
+    """Writes shards, tokenizer and manifest.json under ``out_dir``; returns the manifest.
+    ``task_weights`` ({task: weight}) mixes the tasks in proportion (None: equally)."""
+    check_task_weights(task_weights)
     check_arabic_rendering()
     find_font()
     parameters = {
@@ -240,6 +266,8 @@ def generate(
         "vocab_size": vocab_size,
         "samples_per_shard": samples_per_shard,
     }
+    if task_weights is not None:
+        parameters["task_weights"] = dict(task_weights)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, "manifest.json")
     if os.path.exists(manifest_path):
@@ -248,8 +276,8 @@ def generate(
     # The tokenizer learns from the train split only, so val stays unseen text.
     train_texts: list[str] = []
     splits = {
-        "train": _write_split(out_dir, "train", train_samples, seed, samples_per_shard, train_texts),
-        "val": _write_split(out_dir, "val", val_samples, seed, samples_per_shard, []),
+        "train": _write_split(out_dir, "train", train_samples, seed, samples_per_shard, train_texts, task_weights),
+        "val": _write_split(out_dir, "val", val_samples, seed, samples_per_shard, [], task_weights),
     }
     tokenizer = train_tokenizer(train_texts, vocab_size, os.path.join(out_dir, "tokenizer"))
 
