@@ -106,3 +106,35 @@ def test_prompt_items_place_images_and_refuse_mismatches(tmp_path):
     (tmp_path / "junk.gif").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="not an image Pillow can read"):
         prompt_item("?", [str(tmp_path / "junk.gif")])
+
+
+def test_items_that_cannot_be_asked_are_counted_not_dropped(corpus, megatron_world):
+    """A corrupt image skips its item with the reason, the others are scored; an evaluation where no
+    item builds gives an empty table instead of stopping the run."""
+    import dataclasses
+
+    import torch
+
+    from megavl.config import load_config
+    from megavl.convert.megavl_model import single_process_config
+    from megavl.data.tokenizer import load_tokenizer
+    from megavl.eval.generation import GenerationSettings
+    from megavl.eval.items import load_items
+    from megavl.eval.task_eval import evaluate_tasks
+    from megavl.models.build import build_model
+    from megavl.platform.features import detect
+
+    config = single_process_config(load_config(str(TINY_CONFIG), ["data.image_backend=pillow",
+                                                                  "data.resolution.max_pixels=12544"]))
+    torch.manual_seed(0)
+    model = build_model(config)
+    tokenizer = load_tokenizer(str(corpus / "tokenizer"))
+    items = load_items(str(corpus / "val"), limit=4)
+    broken = dataclasses.replace(items[0], members={name: b"not a png" for name in items[0].members})
+    settings = GenerationSettings(max_new_tokens=3)
+    results = evaluate_tasks(model, config, detect(), tokenizer, [broken, *items[1:]], settings, batch_size=2)
+    assert results.skipped == {"bad_image": 1}
+    assert sum(score.answers for score in results.groups.values()) == len(items) - 1
+    assert "skipped: bad_image 1" in results.table()
+    nothing = evaluate_tasks(model, config, detect(), tokenizer, [broken], settings)
+    assert nothing.skipped == {"bad_image": 1} and nothing.metrics() == {}

@@ -173,6 +173,8 @@ def evaluate_tasks(
             filler = runnable[0][1]
         if filler is None:
             filler = _filler_prompt(builder, items, settings, config)
+        if filler is None:
+            continue  # no item builds a prompt, on any rank (they hold the same items): nothing to run
         batch = [p for _, p in runnable] or [filler]
         answers = generator.generate(batch, settings)
         for (item, _), tokens in zip(runnable, answers):
@@ -193,13 +195,13 @@ def generator_limit(config: Config) -> int:
 
 
 def _filler_prompt(builder: PromptBuilder, items: Sequence[EvalItem], settings, config):
-    """Any item's prompt that builds (every rank has the same items, so this never fails where
-    another rank succeeded without also having a prompt)."""
+    """The first item's prompt that builds, or None when none does. Every rank holds the same
+    items and builds them alike, so all ranks find the same one, or all none."""
     for item in items:
         prompts, _ = builder.build([item])
         if prompts[0] is not None and len(prompts[0]) + settings.max_new_tokens <= generator_limit(config):
             return prompts[0]
-    raise ValueError("task evaluation: no item of the evaluation set builds a prompt")
+    return None
 
 
 def _reduced(scores: dict[str, Score], skipped: dict[str, int], group):
