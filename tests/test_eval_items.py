@@ -4,6 +4,7 @@ as training laid out the same conversation up to its answer."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -138,3 +139,40 @@ def test_items_that_cannot_be_asked_are_counted_not_dropped(corpus, megatron_wor
     assert "skipped: bad_image 1" in results.table()
     nothing = evaluate_tasks(model, config, detect(), tokenizer, [broken], settings)
     assert nothing.skipped == {"bad_image": 1} and nothing.metrics() == {}
+
+
+def test_the_evaluate_tool_prints_the_table_and_writes_json(corpus, megatron_world, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+    from megavl.config import dump_config, load_config
+    from megavl.convert.megavl_model import CONFIG_FILE, single_process_config
+    from megavl.eval.items import load_items
+    from megavl.models.build import build_model
+    from megavl.training.checkpoint import save_model_weights
+
+    config = single_process_config(load_config(str(TINY_CONFIG), [
+        f"data.tokenizer={corpus / 'tokenizer'}", "data.image_backend=pillow", "data.resolution.max_pixels=12544"]))
+    torch.manual_seed(0)
+    save_model_weights(build_model(config), str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / CONFIG_FILE).write_text(dump_config(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--load", str(tmp_path / "ckpt"),
+                               "--data", str(corpus / "val"), *args], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"))
+
+    result = evaluate("--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path / "results.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    answers = sum(group["answers"] for group in saved["groups"].values())
+    assert answers == len(load_items(str(corpus / "val"), 3))
+    assert re.search(rf"^all +{answers} +[0-9.]+%$", result.stdout, re.MULTILINE), result.stdout
+    assert saved["examples"] and {"question", "answer", "reference", "correct"} <= set(saved["examples"][0])
+    bad = evaluate("--limit", "0")
+    assert bad.returncode == 2 and "--limit 0" in bad.stderr

@@ -171,10 +171,11 @@ def test_greedy_answers_equal_the_exported_hugging_face_models(exported):
         assert output[0, input_ids.shape[1]:].tolist() == answer
 
 
-@pytest.fixture(scope="module")
-def small_checkpoint(megatron_world, tmp_path_factory):
-    """A randomly initialised tiny model saved as a converted checkpoint (megavl_config.yaml
-    beside the weights), with a tokenizer, and an image to ask about."""
+@pytest.fixture(scope="module", params=["tiny_cpu.yaml", "tiny_moe_cpu.yaml"])
+def small_checkpoint(megatron_world, tmp_path_factory, request):
+    """A randomly initialised tiny model (dense, or MoE: its experts split over the processes)
+    saved as a converted checkpoint (megavl_config.yaml beside the weights), with a tokenizer,
+    and an image to ask about."""
     from PIL import Image
 
     from conftest import tiny_tokenizer
@@ -185,7 +186,7 @@ def small_checkpoint(megatron_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("generate_ckpt")
     tokenizer = tiny_tokenizer(["How many circles are there?", "Read the text in the image.", "0 1 2 3 4 5"])
     tokenizer.save_pretrained(str(root / "tokenizer"))
-    config = load_config(str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+    config = load_config(str(ROOT / "examples" / "configs" / request.param),
                          [f"data.tokenizer={root / 'tokenizer'}", "data.image_backend=pillow",
                           "data.resolution.max_pixels=12544"])
     config, model = _model(config)
@@ -219,8 +220,8 @@ def _generate(root, nproc: int, *extra) -> list[dict]:
 
 @pytest.mark.slow
 def test_tensor_parallel_generation_answers_as_one_process(small_checkpoint):
-    """tools/generate.py under torchrun with two processes (TP=2, the weights resharded on load)
-    gives the one-process answers, printed once."""
+    """tools/generate.py under torchrun with two processes (TP=2 for the dense model, EP=2 for the
+    MoE one; the weights resharded on load) gives the one-process answers, printed once."""
     alone = _generate(small_checkpoint, 1)
     assert [a["prompt"] for a in alone] == ["How many circles?", "Read the text in the image."]
     assert all(len(a["tokens"]) > 0 for a in alone)
@@ -238,3 +239,22 @@ def test_generate_tool_reports_bad_input(small_checkpoint, capsys):
                "--image", str(small_checkpoint / "missing.png"), "--prompt", "?"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "missing.png" in result.stderr
+
+
+def test_the_generation_layout_splits_tensors_or_experts():
+    from megavl.config import load_config
+    from megavl.eval.loading import generation_config
+
+    dense = load_config(str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"), ["parallel.pipeline=2"])
+    layout = generation_config(dense, 2, ["train.seed=5"]).parallel
+    assert (layout.tensor, layout.pipeline, layout.expert, layout.sequence_parallel) == (2, 1, 1, False)
+    assert generation_config(dense, 2, ["train.seed=5"]).train.seed == 5
+    moe = load_config(str(ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"))
+    layout = generation_config(moe, 2).parallel
+    assert (layout.tensor, layout.expert) == (1, 2)
+    with pytest.raises(ValueError, match="4 experts split over the processes; 3 processes"):
+        generation_config(moe, 3)
+    from megavl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        generation_config(dense, 1, ["train.no_such_field=1"])

@@ -2,7 +2,7 @@
 
     python tools/evaluate.py --load CKPT --data DIR [--split val] [--limit N] [--out results.json] \\
         [--batch-size 8] [--max-new-tokens 64] [--tokenizer DIR] [--set KEY=VALUE ...]
-    torchrun --nproc-per-node 2 tools/evaluate.py ...      # tensor parallel over the processes
+    torchrun --nproc-per-node 2 tools/evaluate.py ...      # the model split over the processes
 
 Every answer of the first N records is generated greedily from its question (earlier
 answers of a multi-question record are given, as the record has them) and scored:

@@ -2,10 +2,11 @@
 
     python tools/generate.py --load CKPT --image FILE [--image FILE ...] --prompt TEXT [--prompt TEXT ...] \\
         [--max-new-tokens 64] [--temperature 0] [--top-p 1.0] [--seed 0] [--tokenizer DIR] [--set KEY=VALUE ...]
-    torchrun --nproc-per-node 2 tools/generate.py ...      # tensor parallel over the processes
+    torchrun --nproc-per-node 2 tools/generate.py ...      # the model split over the processes
 
 CKPT is a training checkpoint (root or iter_* folder) or a converted one, saved under any
-layout. Each --prompt is one question about all the --image files, answered in one batch;
+layout; it loads split over this job's processes (tensor parallel, or a mixture-of-experts
+model's experts). Each --prompt is one question about all the --image files, answered in one batch;
 an image goes where a prompt writes <image>, else all images come before its text. The
 prompt is laid out as in training (chat format, the training resolution policy, image
 tokens attending to each other when the model was trained so); answers decode causally

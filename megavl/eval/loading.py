@@ -15,16 +15,21 @@ from megavl.config.loading import apply_override
 
 
 def generation_config(config: Config, world_size: int, overrides: Optional[list[str]] = None) -> Config:
-    """config with --set overrides applied, then the generation layout: tensor parallelism over
-    the world, one pipeline stage, no expert parallelism, no sequence parallelism."""
+    """config with --set overrides applied, then the generation layout: one pipeline stage, no
+    sequence parallelism, and the processes split the model's tensors (dense models) or its
+    experts (mixture-of-experts models: megatron's MoE layers under tensor parallelism need
+    sequence parallelism, which one decoded token cannot be split for). Every process runs the
+    same prompts."""
     data = config_to_dict(config)
     for text in overrides or []:
         apply_override(data, text)
     config = config_from_dict(data)
-    moe = config.model.lm.moe.num_experts > 0
-    # Experts are split over the tensor-parallel ranks as the dense layers are.
-    config.parallel = ParallelConfig(tensor=world_size, pipeline=1, expert=1,
-                                     expert_tensor=world_size if moe else 1, distributed_optimizer=False)
+    experts = config.model.lm.moe.num_experts
+    if experts and experts % world_size:
+        raise ValueError(f"a mixture-of-experts model generates with its {experts} experts split over the "
+                         f"processes; {world_size} processes do not divide them")
+    tensor, expert = (1, world_size) if experts else (world_size, 1)
+    config.parallel = ParallelConfig(tensor=tensor, pipeline=1, expert=expert, distributed_optimizer=False)
     return config
 
 
