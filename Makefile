@@ -48,7 +48,7 @@ demo: setup $(DATA)/train/.nv-meta/split.yaml
 # Muon updates the LM's and adapter's matrices in every stage but the expansion.
 RECIPE := runs/recipe-demo
 EXPANDED := $(RECIPE)/2_pretrain_expanded
-STAGE := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml --set checkpoint.resume=never data.add_bos=true data.bos_token="<|endoftext|>"
+STAGE := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 pretrain_vlm.py --config examples/configs/tiny_cpu.yaml --set checkpoint.resume=never train.task_eval.interval=null data.add_bos=true data.bos_token="<|endoftext|>"
 NEW_TOKENS := "<|ref_start|>" "<|ref_end|>" "<|quad_start|>" "<|quad_end|>"
 EXPANSION = $(PY) -c "import json, sys; print(json.load(open('$(EXPANDED)/vocab_expansion.json'))[sys.argv[1]])"
 recipe-demo: setup $(DATA)/train/.nv-meta/split.yaml

@@ -14,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
+# The tiny config evaluates task accuracy, which generation cannot run under pipeline or
+# sequence parallelism; tests of those layouts switch it off.
+NO_TASK_EVAL = "train.task_eval.interval=null"
 WORKERS = Path(__file__).resolve().parent / "workers"
 # Order gives <|image_pad|> id 3, the default model.lm.image_token_id.
 SPECIAL_TOKENS = [

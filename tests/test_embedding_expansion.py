@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, read_json, run_torchrun, tiny_tokenizer
+from conftest import NO_TASK_EVAL, TINY_CONFIG, read_json, run_torchrun, tiny_tokenizer
 from workers.convert_tiny_models import megavl_tensors, qwen2_5_vl_config, quiet, randomize
 
 NEW_TOKENS = ["<|ref|>", "<|/ref|>", "<|grounding|>"]
@@ -278,7 +278,7 @@ def test_training_the_expand_embeddings_stage_moves_only_the_rows_from_embedding
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, tie", [(["parallel.tensor=2"], False), (["parallel.pipeline=2"], True)],
+@pytest.mark.parametrize("layout, tie", [(["parallel.tensor=2"], False), (["parallel.pipeline=2", NO_TASK_EVAL], True)],
                          ids=["tp2-untied", "pp2-tied"])
 def test_split_layouts_still_move_only_the_rows_from_embedding_rows_from(
         layout, tie, expanded, expanded_tied, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CONFIG, read_json, run_torchrun
+from conftest import NO_TASK_EVAL, ROOT, TINY_CONFIG, read_json, run_torchrun
 
 MOE = str(ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml")
 MUON = ["train.optimizer=muon", "train.warmup_steps=0", "train.clip_grad=0"]
@@ -167,7 +167,7 @@ LAYOUTS = {
     "TP2": (TINY_CONFIG, 2, ["parallel.tensor=2"]),
     "TP2-distributed-NS": (TINY_CONFIG, 2, ["parallel.tensor=2", "train.muon.tp_mode=distributed"]),
     "DP2-layer-wise": (TINY_CONFIG, 2, ["parallel.distributed_optimizer=true"]),
-    "PP2": (TINY_CONFIG, 2, ["parallel.pipeline=2"]),
+    "PP2": (TINY_CONFIG, 2, ["parallel.pipeline=2", NO_TASK_EVAL]),
     "MoE-EP2": (MOE, 2, ["parallel.expert=2"]),
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_CONFIG, read_json, run_torchrun
+from conftest import NO_TASK_EVAL, TINY_CONFIG, read_json, run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,8 @@ COMMON = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.seq_le
 # size): a normalisation that depended on the split would change the losses after step 1.
 LAYOUTS = {
     "TP2": (2, ["parallel.tensor=2"]),
-    "TP2-SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "PP2": (2, ["parallel.pipeline=2"]),
+    "TP2-SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", NO_TASK_EVAL]),
+    "PP2": (2, ["parallel.pipeline=2", NO_TASK_EVAL]),
     "DP2": (2, []),
     "MB2": (1, ["train.micro_batch_size=2"]),
     "DP2-MB2": (2, ["train.micro_batch_size=2"]),

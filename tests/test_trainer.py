@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_CONFIG, _free_port
+from conftest import NO_TASK_EVAL, ROOT, TINY_CONFIG, _free_port
 from trainer_runs import _metrics, _overrides, _train, data_dir  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def reference_losses(data_dir, tmp_path_factory):
     return run, [r["loss"] for r in train], [r["answer_tokens"] for r in train]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2"], []], ids=["TP2", "PP2", "DP2"])
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2", NO_TASK_EVAL], []], ids=["TP2", "PP2", "DP2"])
 def test_parallel_layouts_train_like_one_process(data_dir, tmp_path, reference_losses, layout):
     _, losses, tokens = reference_losses
     run = tmp_path / "run"

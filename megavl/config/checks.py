@@ -356,10 +356,12 @@ def _check_task_eval(c: _Checks, config: Config) -> None:
     c.require(bool(config.data.val_path),
               "train.task_eval.interval is set but data.val_path is not: task evaluation reads the validation set")
     # Generation runs the model whole along the pipeline and decodes one token at a time.
-    c.require(p.pipeline == 1, f"train.task_eval.interval is set with parallel.pipeline = {p.pipeline}: "
-              "generation during training needs one pipeline stage; evaluate checkpoints with tools/evaluate.py")
-    c.require(not p.sequence_parallel, "train.task_eval.interval is set with parallel.sequence_parallel = true: "
-              "one decoded token cannot be split along the sequence; evaluate checkpoints with tools/evaluate.py")
+    instead = ("set train.task_eval.interval=null and evaluate the checkpoints with tools/evaluate.py, "
+               "which loads them on one stage")
+    c.require(p.pipeline == 1, f"train.task_eval.interval = {e.interval} with parallel.pipeline = {p.pipeline}: "
+              f"generation during training needs one pipeline stage; {instead}")
+    c.require(not p.sequence_parallel, f"train.task_eval.interval = {e.interval} with parallel.sequence_parallel = "
+              f"true: one decoded token cannot be split along the sequence; {instead}")
 
 
 def _check_muon(c: _Checks, config: Config) -> None:
