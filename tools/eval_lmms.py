@@ -23,11 +23,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megavl.eval.cli import add_evaluation_set_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="folder tools/convert_to_hf.py wrote (with the tokenizer)")
-    parser.add_argument("--data", required=True, help="prepared dataset folder (with .nv-meta)")
-    parser.add_argument("--split", default=None, help="split part of the folder (default: its only one)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N records")
+    add_evaluation_set_args(parser)
     parser.add_argument("--task-dir", help="where to write the lmms-eval task (default: a temporary folder)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", help="write lmms-eval's accuracies here as JSON")
@@ -44,15 +44,13 @@ def _megavl_accuracies(path: str) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megavl.eval import lmms_task
-    from megavl.eval.items import load_items
+    from megavl.eval.cli import evaluation_items
 
     try:
         if not os.path.isfile(os.path.join(args.hf, "processor_config.json")):
             raise ValueError(f"--hf {args.hf}: no processor_config.json; export with --tokenizer so the "
                              "folder has the tokenizer and processor lmms-eval needs")
-        items = load_items(args.data, args.limit, args.split)
-        if not items:
-            raise ValueError(f"--data {args.data}: no question with an answer in the first records")
+        items = evaluation_items(args)
         expected = _megavl_accuracies(args.compare) if args.compare else None
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,17 +21,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megavl.eval.cli import add_checkpoint_args, add_evaluation_set_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="megavl checkpoint folder")
-    parser.add_argument("--data", required=True, help="prepared dataset folder (with .nv-meta)")
-    parser.add_argument("--split", default=None, help="split part of the folder (default: its only one)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    add_checkpoint_args(parser)
+    add_evaluation_set_args(parser)
     parser.add_argument("--out", help="write the results here as JSON")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's data.tokenizer)")
-    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override a field of the checkpoint's config")
     return parser.parse_args(argv)
 
 
@@ -39,21 +36,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megavl.config import ConfigError
     from megavl.convert.errors import ConversionError
+    from megavl.eval.cli import evaluation_items
     from megavl.eval.generation import GenerationSettings
-    from megavl.eval.items import load_items
     from megavl.eval.loading import load_for_generation
     from megavl.eval.task_eval import evaluate_tasks
     from megavl.platform.distributed import shutdown
 
     try:
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit {args.limit}: must be >= 1")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-        items = load_items(args.data, args.limit, args.split)
-        if not items:
-            raise ValueError(f"--data {args.data}: no question with an answer in the first records")
+        items = evaluation_items(args)
         model, config, platform, tokenizer = load_for_generation(args.load, args.tokenizer, args.overrides)
         results = evaluate_tasks(model, config, platform, tokenizer, items, settings, args.batch_size)
     except (ValueError, FileNotFoundError, ConfigError, ConversionError) as e:

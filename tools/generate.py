@@ -24,17 +24,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megavl.eval.cli import add_checkpoint_args
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--load", required=True, help="megavl checkpoint folder")
+    add_checkpoint_args(parser)
     parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image (repeatable)")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a question (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's data.tokenizer)")
-    parser.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override a field of the checkpoint's config, e.g. data.resolution.max_pixels=50176")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer")
     return parser.parse_args(argv)
 

@@ -89,17 +89,26 @@ class RecordDecoder:
         members: Mapping[str, bytes],
         policy: Optional[ResolutionConfig] = None,
         max_pixels: Optional[int] = None,
-        prompt: bool = False,
     ) -> PlannedRecord:
         """members maps extensions (``json``, ``img0.png``, ...) to bytes. policy
         defaults to config.data.resolution; max_pixels (the progressive
         schedule's cap) lowers the policy's native max_pixels, never raises it.
-        Only image headers are read here. ``prompt``: the record ends with a question and is
-        encoded as a generation prompt (SampleEncoder.encode)."""
+        Only image headers are read here."""
+        return self.plan_record(self._record(key, members), members, policy, max_pixels)
+
+    def plan_record(
+        self,
+        record: dict,
+        members: Mapping[str, bytes],
+        policy: Optional[ResolutionConfig] = None,
+        max_pixels: Optional[int] = None,
+        prompt: bool = False,
+    ) -> PlannedRecord:
+        """plan for a record already parsed, its images in members. ``prompt``: the record ends
+        with a question and is encoded as a generation prompt (SampleEncoder.encode)."""
         policy = policy or self.config.data.resolution
         if max_pixels is not None:
             max_pixels = min(max_pixels, policy.max_pixels)
-        record = self._record(key, members)
         try:
             wanted = count_image_placeholders(record, prompt)
         except ValueError as e:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from megavl.attention.mask import PAD_DOCUMENT_ID, TEXT_IMAGE_ID, materialize_rows, vlm_mask_mod
 from megavl.config import Config
-from megavl.data.batch import Sample, mrope_position_ids
+from megavl.data.batch import Sample, pack_row
 from megavl.data.conversation import pad_token_id, special_token_id
 from megavl.data.tokenizer import ENDOFTEXT, IM_END
 
@@ -98,7 +98,8 @@ class Generator:
         return cls(model, config, platform, len(tokenizer), pad_token_id(tokenizer), stops)
 
     def _batch(self, prompts: Sequence[Sample], total: int) -> dict:
-        """Id tensors for the whole generation (prompts left-padded to one end), [b, total]."""
+        """Id tensors for the whole generation, [b, total]: each prompt packed as training packs a
+        document (pack_row), padded on the left to end where the others do."""
         b, longest = len(prompts), max(len(p) for p in prompts)
         batch = {
             "tokens": torch.full((b, total), self.pad, dtype=torch.long),
@@ -109,36 +110,25 @@ class Generator:
         }
         images = []
         for row, prompt in enumerate(prompts):
+            packed = pack_row([prompt], len(prompt), self.image_token, self.merge, self.pad)
             start = longest - len(prompt)
-            tokens = torch.tensor(prompt.tokens, dtype=torch.long)
-            batch["tokens"][row, start:longest] = tokens
-            batch["document_ids"][row, start:] = 0
-            positions = mrope_position_ids(prompt, self.image_token, self.merge)
+            for key in ("tokens", "document_ids", "image_ids", "turn_ids"):
+                batch[key][row, start:longest] = packed[key]
+            batch["document_ids"][row, longest:] = 0  # the answer belongs to the prompt's document
+            positions = packed["position_ids"]
             batch["position_ids"][:, row, start:longest] = positions
             # Generated text continues from the largest position, as text after an image does.
             following = int(positions.max()) + 1 + torch.arange(total - longest)
             batch["position_ids"][:, row, longest:] = following
-            slots = (tokens == self.image_token).nonzero().flatten() + start
-            cursor = 0
-            for image in prompt.images:
-                n = image.num_tokens(self.merge)
-                batch["image_ids"][row, slots[cursor:cursor + n]] = len(images)
-                images.append(image)
-                cursor += n
+            images += packed["images"]
         batch["pixel_values"] = torch.cat([im.pixel_values for im in images]) if images else None
         batch["image_grid_thw"] = (torch.tensor([im.grid_thw for im in images], dtype=torch.long)
                                    if images else None)
         return batch
 
-    def _mask(self, batch: dict, query_start: int, query_len: int):
-        bidirectional = self.config.model.lm.image_attention == "bidirectional"
-        mask_mod = vlm_mask_mod(batch["document_ids"], batch["image_ids"], batch["turn_ids"], bidirectional)
-        b = batch["tokens"].shape[0]
-        return materialize_rows(mask_mod, b, query_start, query_len, query_start + query_len,
-                                self.platform.attention_backend)
-
-    def _logits(self, batch: dict, start: int, length: int, context) -> torch.Tensor:
-        """Last-position logits [b, V] of running tokens start .. start + length against the cache."""
+    def _logits(self, batch: dict, mask_mod, start: int, length: int, context) -> torch.Tensor:
+        """Last-position logits [b, V] of running tokens start .. start + length against the cache;
+        they attend by mask_mod's rows start .. start + length."""
         end = start + length
         positions = batch["position_ids"][:, :, :end]  # megatron slices the rotary angles by cache position
         if self.config.model.lm.rope == "1d":
@@ -147,7 +137,7 @@ class Generator:
         logits = self.model(
             batch["tokens"][:, start:end],
             positions,
-            self._mask(batch, start, length),
+            materialize_rows(mask_mod, batch["tokens"].shape[0], start, length, end, self.platform.attention_backend),
             pixel_values=batch["pixel_values"] if first else None,
             image_grid_thw=batch["image_grid_thw"] if first else None,
             gather_logits=True,
@@ -170,13 +160,16 @@ class Generator:
         longest = max(len(p) for p in prompts)
         total = longest + settings.max_new_tokens
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self._batch(prompts, total).items()}
+        # The attention rule over the whole generation, built once; each step takes its rows of it.
+        bidirectional = self.config.model.lm.image_attention == "bidirectional"
+        mask_mod = vlm_mask_mod(batch["document_ids"], batch["image_ids"], batch["turn_ids"], bidirectional)
         context = StaticInferenceContext(len(prompts), total)
         generator = torch.Generator().manual_seed(settings.seed)
         stop = self.stop.to(device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         new_tokens = []
         self.model.eval()
-        logits = self._logits(batch, 0, longest, context)
+        logits = self._logits(batch, mask_mod, 0, longest, context)
         context.enable_decode_mode()
         for step in range(settings.max_new_tokens):
             if step_logits is not None:
@@ -189,7 +182,7 @@ class Generator:
             if step + 1 == settings.max_new_tokens or _all_done(done):
                 break
             batch["tokens"][:, position] = token
-            logits = self._logits(batch, position, 1, context)
+            logits = self._logits(batch, mask_mod, position, 1, context)
         generated = torch.stack(new_tokens, dim=1).tolist()
         return [_until_stop(row, set(self.stop.tolist())) for row in generated]
 

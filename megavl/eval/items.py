@@ -13,6 +13,7 @@ same order and can take its share by index.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tarfile
 from dataclasses import dataclass
@@ -121,8 +122,6 @@ def items_of(key: str, record: dict, members: dict) -> list[EvalItem]:
 
 def load_items(path: str, limit: Optional[int] = None, split: Optional[str] = None) -> list[EvalItem]:
     """The items of the first ``limit`` records (all when None) of the folder."""
-    import json
-
     items = []
     for count, (key, members) in enumerate(read_records(path, split)):
         if limit is not None and count >= limit:

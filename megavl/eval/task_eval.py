@@ -12,7 +12,6 @@ takes) is counted under ``skipped`` with its reason and logged, never dropped un
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -100,7 +99,6 @@ class PromptBuilder:
 
         backend = backend or select_backend(config.data.image_backend)
         self.decoder = RecordDecoder(tokenizer, config, config.train.seed, backend)
-        self.max_length = config.model.lm.max_position_embeddings
 
     def build(self, items: Sequence[EvalItem]):
         """(prompts, failures) where failures[i] is None or the reason item i has no prompt."""
@@ -108,9 +106,8 @@ class PromptBuilder:
 
         planned, failures = [], []
         for item in items:
-            members = dict(item.members, json=json.dumps(item.prompt, ensure_ascii=False).encode())
             try:
-                planned.append(self.decoder.plan(item.key, members, prompt=True))
+                planned.append(self.decoder.plan_record(item.prompt, item.members, prompt=True))
                 failures.append(None)
             except RecordSkip as skip:
                 planned.append(None)
