@@ -24,7 +24,11 @@ def test_lmms_eval_scores_the_exported_model_as_megavl_does(exported, tmp_path):
     assert [d["id"] for d in docs] == [item.key for item in items]
     assert all(len(d["images"]) == len(item.members) for d, item in zip(docs, items))
 
+    from PIL import ImageFile
+
     theirs, their_answers = lmms_task.run(str(root / "hf"), str(tmp_path / "task"))
+    # lmms-eval's import turns on Pillow's truncated-image loading; megavl's process keeps it off.
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     tokenizer = load_tokenizer(str(root / "data" / "tokenizer"))
     # Answer by answer: megavl's generation on megavl's prompts, transformers' inside lmms-eval.
     from megavl.eval.generation import Generator

@@ -70,11 +70,28 @@ def write_task(items: Sequence[EvalItem], out_dir: str, max_new_tokens: int = 64
     return TASK_NAME
 
 
+def _import_lmms_eval():
+    """lmms-eval's evaluator, task manager and model base class. Importing lmms-eval sets Pillow's
+    process-wide LOAD_TRUNCATED_IMAGES, under which a truncated image decodes instead of failing;
+    megavl counts such images as bad, so the setting is put back."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        from lmms_eval import evaluator
+        from lmms_eval.api.model import lmms
+        from lmms_eval.tasks import TaskManager
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    return evaluator, TaskManager, lmms
+
+
 def hf_model(folder: str):
     """An lmms-eval model answering with the exported Hugging Face model in folder."""
     import torch
-    from lmms_eval.api.model import lmms
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, _, lmms = _import_lmms_eval()
 
     class ExportedModel(lmms):
         def __init__(self):
@@ -117,9 +134,7 @@ def hf_model(folder: str):
 def run(folder: str, task_dir: str) -> tuple[dict, dict]:
     """lmms-eval's results for the task in task_dir, answered by the exported model in folder:
     ({group: accuracy} (plus "all"), {document id: answer})."""
-    from lmms_eval import evaluator
-    from lmms_eval.tasks import TaskManager
-
+    evaluator, TaskManager, _ = _import_lmms_eval()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # lmms-eval 0.7 patches filelock 3's private filelock._api to make dataset locks re-entrant;
     # filelock 4 (which megatron-energon's storage client needs) has no such module. One
