@@ -381,6 +381,40 @@ def problems_for(overrides, world_size=1) -> str:
             ["model.lm.vocab_size = 2049", "divisible by parallel.tensor"],
             id="vocab-not-divisible-by-tp",
         ),
+        pytest.param(
+            ["model.vision.kind=vit"], 1, ["model.vision.kind = 'vit'", "qwen2_5_vl, qwen2_vl, siglip, clip"],
+            id="bad-vision-kind",
+        ),
+        pytest.param(
+            ["model.vision.kind=siglip"], 1,
+            ["model.vision.norm = rmsnorm: model.vision.kind = siglip uses layernorm",
+             "model.vision.mlp = swiglu: model.vision.kind = siglip uses gelu_tanh",
+             "model.vision.temporal_patch_size = 2", "model.vision.image_size = 0", "384 for SigLIP"],
+            id="siglip-with-qwen-fields",
+        ),
+        pytest.param(
+            ["model.vision.image_size=224"], 1, ["model.vision.image_size = 224", "rotary positions", "set it to 0"],
+            id="position-table-on-a-rope-tower",
+        ),
+        pytest.param(
+            ["model.adapter.kind=mlp"], 1,
+            ["model.vision.spatial_merge_size = 2: model.adapter.kind = mlp", "set it to 1"],
+            id="patch-mlp-with-a-merge",
+        ),
+        pytest.param(
+            ["model.adapter.norm=after"], 1, ["model.adapter.norm = after: merge_mlp normalises each patch"],
+            id="merge-mlp-norm-after",
+        ),
+        pytest.param(
+            ["model.adapter.kind=pixel_shuffle", "model.adapter.ffn_hidden_size=64"], 1,
+            ["model.adapter.ffn_hidden_size = 64: model.adapter.kind = pixel_shuffle is one linear"],
+            id="pixel-shuffle-has-no-hidden-layer",
+        ),
+        pytest.param(
+            ["model.lm.image_positions=sequential"], 1,
+            ["model.lm.image_positions = sequential: multimodal RoPE", "model.lm.rope = 1d"],
+            id="sequential-positions-with-mrope",
+        ),
     ],
 )
 def test_validation_errors(overrides, world_size, fragments):

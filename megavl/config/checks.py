@@ -13,6 +13,7 @@ from megavl.config.errors import report_problems
 from megavl.config.layout import model_parallel_size, pipeline_split
 from megavl.config.loading import build_section, field_types
 from megavl.config.schema import TRAINABLE_PARTS, Config, ResolutionConfig
+from megavl.config.towers import TOWERS, tower_problems, tower_traits
 
 
 class _Checks:
@@ -97,7 +98,8 @@ def _check_vision(c: _Checks, config: Config) -> None:
     c.at_least(f"{s}.temporal_patch_size", v.temporal_patch_size, 1)
     c.at_least(f"{s}.in_channels", v.in_channels, 1)
     merge_ok = c.at_least(f"{s}.spatial_merge_size", v.spatial_merge_size, 1)
-    if patch_ok and merge_ok:
+    c.problems += tower_problems(config)
+    if patch_ok and merge_ok and v.kind in TOWERS and tower_traits(v).windows:
         # Windows must hold whole merged tokens, or merging would straddle
         # window boundaries.
         unit = v.patch_size * v.spatial_merge_size
@@ -118,6 +120,9 @@ def _check_vision(c: _Checks, config: Config) -> None:
 
 def _check_adapter(c: _Checks, config: Config) -> None:
     a = config.model.adapter
+    if a.kind == "pixel_shuffle":
+        # Its one linear is split by output columns over TP.
+        c.divisible("model.lm.hidden_size", config.model.lm.hidden_size, "parallel.tensor", config.parallel.tensor)
     if a.ffn_hidden_size is None:
         return
     name = "model.adapter.ffn_hidden_size"
@@ -171,6 +176,11 @@ def _check_lm(c: _Checks, config: Config) -> None:
                 f"({s}.hidden_size {m.hidden_size} / num_attention_heads "
                 f"{m.num_attention_heads} = {head_dim})",
             )
+    c.require(
+        not (m.rope == "mrope" and m.image_positions == "sequential"),
+        f"{s}.image_positions = sequential: multimodal RoPE ({s}.rope = mrope) spreads image tokens over "
+        f"height and width; number them sequentially with {s}.rope = 1d, or keep spatial positions",
+    )
     c.positive(f"{s}.rope_theta", m.rope_theta)
     c.positive(f"{s}.norm_eps", m.norm_eps)
     c.at_least(f"{s}.max_position_embeddings", m.max_position_embeddings, 1)
@@ -394,7 +404,9 @@ def check_resolution(c: "_Checks", r: ResolutionConfig, config: Config, prefix: 
             f"{prefix}.fixed_tokens = {r.fixed_tokens}: must be a square number "
             f"(e.g. 64, 100, 256, 400) so the regime is a square of merged tokens",
         )
-    if c.positive(f"{prefix}.tile_size", r.tile_size):
+    # A tile size only constrains the tiling mode: a fixed-size tower's config keeps the default
+    # tile_size, which need not divide by its patch and merge sizes.
+    if c.positive(f"{prefix}.tile_size", r.tile_size) and r.mode == "tiling":
         c.require(
             r.tile_size % unit == 0,
             f"{prefix}.tile_size = {r.tile_size}: must be a multiple of patch_size*spatial_merge_size = {unit}",

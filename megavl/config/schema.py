@@ -11,7 +11,15 @@ from typing import Literal, Optional, get_args
 
 __all__ = [
     "VisionConfig",
+    "VisionKind",
+    "VISION_KINDS",
     "AdapterConfig",
+    "AdapterKind",
+    "ADAPTER_KINDS",
+    "AdapterNorm",
+    "ADAPTER_NORMS",
+    "ImagePositions",
+    "IMAGE_POSITIONS",
     "MoEConfig",
     "VisionLoRAConfig",
     "LMConfig",
@@ -74,7 +82,21 @@ ImageAttention = Literal["bidirectional", "causal"]
 DType = Literal["fp32", "bf16"]
 # Vision-tower variants: Qwen2.5-VL uses RMSNorm + SwiGLU, Qwen2-VL LayerNorm + QuickGELU.
 VisionNorm = Literal["rmsnorm", "layernorm"]
-VisionMLP = Literal["swiglu", "gelu_quick"]
+VisionMLP = Literal["swiglu", "gelu_quick", "gelu_tanh"]
+# The vision tower's architecture (megavl/config/towers.py says what each one fixes):
+# Qwen2.5-VL / Qwen2-VL (2D RoPE, windows, native resolution), SigLIP (learned absolute
+# positions) and CLIP (learned positions, a class token, a LayerNorm before the layers).
+VisionKind = Literal["qwen2_5_vl", "qwen2_vl", "siglip", "clip"]
+# The projector from vision features to the LM width: merge_mlp (Qwen's norm, 2x2 merge,
+# 2-layer GELU MLP), pixel_shuffle (merge s x s patches, one linear; Idefics3 / SmolVLM /
+# SiQ-VL), mlp (LLaVA's 2-layer GELU MLP on every patch).
+AdapterKind = Literal["merge_mlp", "pixel_shuffle", "mlp"]
+# Where the projector normalises: each patch before the merge, its output, or nowhere.
+AdapterNorm = Literal["before", "after", "none"]
+# How image tokens are numbered for the LM's RoPE: spatial (Qwen's multimodal ids: an image's
+# tokens share a temporal position and spread over height and width; with rope 1d the LM takes
+# the temporal row) or sequential (every token one more than the last, as LLaVA and Idefics3 do).
+ImagePositions = Literal["spatial", "sequential"]
 # How an image becomes vision tokens (see megavl/data/resolution.py).
 ResolutionMode = Literal["native", "fixed", "tiling"]
 FixedFit = Literal["pad", "resize"]
@@ -112,6 +134,10 @@ IMAGE_ATTENTION_KINDS = get_args(ImageAttention)
 DTYPES = get_args(DType)
 VISION_NORMS = get_args(VisionNorm)
 VISION_MLPS = get_args(VisionMLP)
+VISION_KINDS = get_args(VisionKind)
+ADAPTER_KINDS = get_args(AdapterKind)
+ADAPTER_NORMS = get_args(AdapterNorm)
+IMAGE_POSITIONS = get_args(ImagePositions)
 RESOLUTION_MODES = get_args(ResolutionMode)
 FIXED_FITS = get_args(FixedFit)
 IMAGE_BACKENDS = get_args(ImageBackendName)
@@ -126,6 +152,7 @@ FP8_RECIPES = get_args(FP8Recipe)
 
 @dataclass
 class VisionConfig:
+    kind: VisionKind = "qwen2_5_vl"
     num_layers: int = 4
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -144,15 +171,31 @@ class VisionConfig:
     # Norm of the encoder layers and of the adapter's pre-merge norm
     # (layernorm has a bias).
     norm: VisionNorm = "rmsnorm"
-    # swiglu: gated fc1 = [gate; up] with SiLU; gelu_quick: fc1 -> x*sigmoid(1.702x) -> fc2.
+    # swiglu: gated fc1 = [gate; up] with SiLU; gelu_quick: fc1 -> x*sigmoid(1.702x) -> fc2;
+    # gelu_tanh: fc1 -> GELU (tanh approximation) -> fc2 (SigLIP).
     mlp: VisionMLP = "swiglu"
+    # Kinds with learned positions (siglip, clip): the side in pixels of the images the position
+    # table was trained for; it holds (image_size // patch_size)**2 positions (plus the class
+    # token's) and is interpolated bicubically for other patch grids. 0 for the Qwen kinds.
+    image_size: int = 0
+    # A LayerNorm after the last layer (SigLIP's post_layernorm, whose output Idefics3 and
+    # SiQ-VL project); LLaVA's CLIP features come from before it.
+    post_norm: bool = False
 
 
 @dataclass
 class AdapterConfig:
-    # None means vision.hidden_size * spatial_merge_size**2, i.e. the width
-    # of the merged patch vector the adapter consumes.
+    # It merges model.vision.spatial_merge_size**2 neighbouring patches into one LM token
+    # (merge_mlp, pixel_shuffle; 1 for mlp, which projects every patch).
+    kind: AdapterKind = "merge_mlp"
+    # The MLP's hidden width (merge_mlp, mlp). None: merge_mlp uses the merged width
+    # vision.hidden_size * spatial_merge_size**2, mlp the LM width. pixel_shuffle has one linear.
     ffn_hidden_size: Optional[int] = None
+    # None: the kind's own (merge_mlp: before, in the tower's norm kind; the others none).
+    # Other norms are LayerNorms with a bias: before over each patch, after over the output.
+    norm: Optional[AdapterNorm] = None
+    # Biases on the projector's linears (Idefics3's pixel-shuffle linear has none).
+    bias: bool = True
 
 
 @dataclass
@@ -209,6 +252,7 @@ class LMConfig:
     norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     image_attention: ImageAttention = "bidirectional"
+    image_positions: ImagePositions = "spatial"
     image_token_id: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision_lora: VisionLoRAConfig = field(default_factory=VisionLoRAConfig)

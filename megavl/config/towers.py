@@ -1,0 +1,126 @@
+"""What each vision tower and projector kind fixes, and the checks that follow from it.
+
+``model.vision.kind`` names an architecture; its norm, MLP, position scheme and
+the extra modules around the layers are part of that architecture, so a config
+that names a kind must agree with it (one table here, read by the model, the
+planners and ``validate``). ``model.adapter.kind`` names the projector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megavl.config.schema import AdapterConfig, Config, VisionConfig
+
+
+@dataclass(frozen=True)
+class TowerTraits:
+    norm: str  # model.vision.norm the kind uses
+    mlp: str  # model.vision.mlp the kind uses
+    # rope2d: 2D rotary embeddings over patch rows and columns (any grid);
+    # learned: an absolute position table added to the patch embeddings.
+    positions: str
+    # Some layers attend within windows (model.vision.full_attention_layers are the others);
+    # without windows every layer attends over the whole image.
+    windows: bool
+    class_token: bool = False  # a learned token before each image's patches (dropped from the output)
+    pre_norm: bool = False  # a LayerNorm between the embeddings and the first layer
+    patch_bias: bool = False  # the patch embedding has a bias
+    # A temporal_patch_size the kind requires (still-image towers take one frame), or None.
+    temporal_patch_size: Optional[int] = None
+
+
+TOWERS = {
+    "qwen2_5_vl": TowerTraits(norm="rmsnorm", mlp="swiglu", positions="rope2d", windows=True),
+    "qwen2_vl": TowerTraits(norm="layernorm", mlp="gelu_quick", positions="rope2d", windows=True),
+    "siglip": TowerTraits(norm="layernorm", mlp="gelu_tanh", positions="learned", windows=False,
+                          patch_bias=True, temporal_patch_size=1),
+    "clip": TowerTraits(norm="layernorm", mlp="gelu_quick", positions="learned", windows=False,
+                        class_token=True, pre_norm=True, temporal_patch_size=1),
+}
+
+
+def tower_traits(vision: VisionConfig) -> TowerTraits:
+    return TOWERS[vision.kind]
+
+
+def windowed_layers(vision: VisionConfig) -> set[int]:
+    """0-based vision layers that attend within windows (none for kinds without windows)."""
+    if not tower_traits(vision).windows:
+        return set()
+    return set(range(vision.num_layers)) - set(vision.full_attention_layers)
+
+
+def position_grid_side(vision: VisionConfig) -> int:
+    """Patches per side of a learned position table (0 for RoPE towers)."""
+    if tower_traits(vision).positions != "learned":
+        return 0
+    return vision.image_size // vision.patch_size
+
+
+def adapter_norm(adapter: AdapterConfig) -> str:
+    """model.adapter.norm with its kind's default filled in."""
+    if adapter.norm is not None:
+        return adapter.norm
+    return "before" if adapter.kind == "merge_mlp" else "none"
+
+
+def adapter_ffn_hidden_size(config: Config) -> Optional[int]:
+    """The projector MLP's hidden width, or None for pixel_shuffle's single linear."""
+    a, v = config.model.adapter, config.model.vision
+    if a.kind == "pixel_shuffle":
+        return None
+    if a.ffn_hidden_size is not None:
+        return a.ffn_hidden_size
+    if a.kind == "mlp":
+        return config.model.lm.hidden_size
+    return v.hidden_size * v.spatial_merge_size**2
+
+
+def tower_problems(config: Config) -> list[str]:
+    """What contradicts model.vision.kind or model.adapter.kind (each message names the field)."""
+    v, a = config.model.vision, config.model.adapter
+    problems: list[str] = []
+    if v.kind not in TOWERS or a.kind not in ("merge_mlp", "pixel_shuffle", "mlp"):
+        return problems  # the choice check names the valid kinds
+    traits = tower_traits(v)
+    s = "model.vision"
+    for name, wanted in (("norm", traits.norm), ("mlp", traits.mlp)):
+        value = getattr(v, name)
+        if value != wanted:
+            problems.append(f"{s}.{name} = {value}: {s}.kind = {v.kind} uses {wanted}; set {s}.{name}={wanted}")
+    if traits.temporal_patch_size is not None and v.temporal_patch_size != traits.temporal_patch_size:
+        problems.append(
+            f"{s}.temporal_patch_size = {v.temporal_patch_size}: {s}.kind = {v.kind} embeds single frames; "
+            f"set it to {traits.temporal_patch_size}"
+        )
+    if traits.positions == "learned":
+        if v.image_size < v.patch_size:
+            problems.append(
+                f"{s}.image_size = {v.image_size}: {s}.kind = {v.kind} has a learned position table for "
+                f"images of this side in pixels; it must be >= {s}.patch_size = {v.patch_size} "
+                "(e.g. 384 for SigLIP so400m-patch14-384, 336 for CLIP ViT-L/14-336)"
+            )
+    elif v.image_size != 0:
+        problems.append(
+            f"{s}.image_size = {v.image_size}: {s}.kind = {v.kind} has rotary positions for any size; "
+            "image_size sizes the learned position table of siglip / clip; set it to 0"
+        )
+    merge = v.spatial_merge_size
+    if a.kind == "mlp" and merge != 1:
+        problems.append(
+            f"{s}.spatial_merge_size = {merge}: model.adapter.kind = mlp projects every patch to its own "
+            "LM token; set it to 1 (or use pixel_shuffle / merge_mlp to merge patches)"
+        )
+    if a.kind == "merge_mlp" and adapter_norm(a) != "before":
+        problems.append(
+            f"model.adapter.norm = {a.norm}: merge_mlp normalises each patch (in the tower's norm kind) before "
+            "the merge; leave it null or before"
+        )
+    if a.kind == "pixel_shuffle" and a.ffn_hidden_size is not None:
+        problems.append(
+            f"model.adapter.ffn_hidden_size = {a.ffn_hidden_size}: model.adapter.kind = pixel_shuffle is one "
+            "linear with no hidden layer; leave it null"
+        )
+    return problems
