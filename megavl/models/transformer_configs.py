@@ -129,9 +129,15 @@ def fp8_fields(config: Config, tower: str) -> dict:
 # normalization name is what Transformer Engine's fused norm+linear reads; the
 # local spec swaps its norm module instead (megavl.models.vision.vision_layer_spec).
 _VISION_NORMALIZATION = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, as SigLIP's gelu_pytorch_tanh computes it."""
+    return F.gelu(x, approximate="tanh")
+
+
 _VISION_MLP = {
     "swiglu": dict(gated_linear_unit=True, activation_func=F.silu),
     "gelu_quick": dict(gated_linear_unit=False, activation_func=quick_gelu),
+    "gelu_tanh": dict(gated_linear_unit=False, activation_func=gelu_tanh),
 }
 
 

@@ -1,13 +1,18 @@
-"""A Qwen2.5-VL-style vision transformer built from megatron-core TransformerLayers.
+"""The vision towers, built from megatron-core TransformerLayers: Qwen2.5-VL / Qwen2-VL,
+SigLIP and CLIP (``model.vision.kind``; megavl/config/towers.py says what each fixes).
 
-VisionConfig selects the Qwen2-VL variant too: LayerNorm instead of RMSNorm,
-a QuickGELU MLP instead of SwiGLU, and every layer full attention.
+Qwen2-VL differs from Qwen2.5-VL by LayerNorm instead of RMSNorm, a QuickGELU MLP
+instead of SwiGLU, and every layer full attention. SigLIP and CLIP have learned
+absolute positions instead of rotary ones, biased patch embeddings (SigLIP) or a
+class token and a LayerNorm before the layers (CLIP), and attend over whole images.
 
 Images of different native resolutions are packed into one sequence of 14x14
 patches. Attention is restricted to each image (full-attention layers) or to
 windows inside each image (the other layers), expressed as segment masks rather
 than by reordering tokens, which is equivalent and keeps the patch order the
-adapter needs. Positions are 2D rotary embeddings over patch rows and columns.
+adapter needs. Positions are 2D rotary embeddings over patch rows and columns
+(Qwen) or a learned table read at each patch's row and column (SigLIP, CLIP), so
+they too are independent of the order.
 
 Patch order (as Qwen2-VL's image processor emits it): per image, per temporal
 slice, 2x2 merge blocks in row-major order, the 4 patches of a block
@@ -29,7 +34,9 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megavl.attention.mask import materialize, segment_mask_mod
 from megavl.config import VisionConfig
-from megavl.models.norm import RMSNorm, norm_class
+from megavl.config.towers import position_grid_side, tower_traits, windowed_layers
+from megavl.models.norm import LayerNorm, RMSNorm, norm_class
+from megavl.models.vision_embeddings import LearnedPositionEmbedding, insert_class_tokens
 
 
 def patch_coordinates(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -71,7 +78,7 @@ class PatchEmbedding(torch.nn.Module):
     computation without the convolution overhead.
     """
 
-    def __init__(self, config: VisionConfig, dtype: torch.dtype):
+    def __init__(self, config: VisionConfig, dtype: torch.dtype, bias: bool = False):
         super().__init__()
         v = config
         self.proj = torch.nn.Conv3d(
@@ -79,13 +86,13 @@ class PatchEmbedding(torch.nn.Module):
             v.hidden_size,
             kernel_size=(v.temporal_patch_size, v.patch_size, v.patch_size),
             stride=(v.temporal_patch_size, v.patch_size, v.patch_size),
-            bias=False,
+            bias=bias,
             dtype=dtype,
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1))
+        return F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.proj.bias)
 
 
 class VisionRotaryEmbedding(torch.nn.Module):
@@ -134,24 +141,58 @@ class VisionEncoder(MegatronModule):
     ):
         super().__init__(config=transformer_config)
         self.vision = vision
+        self.traits = tower_traits(vision)
         self.attention_backend = attention_backend
-        self.full_attention_layers = set(vision.full_attention_layers)
+        self.windowed_layers = windowed_layers(vision)
         self.window_patches = vision.window_size // vision.patch_size
-        self.patch_embed = PatchEmbedding(vision, transformer_config.params_dtype)
-        self.rotary = VisionRotaryEmbedding(
-            vision.hidden_size // vision.num_attention_heads, vision.rope_theta
-        )
+        dtype, hidden, eps = transformer_config.params_dtype, vision.hidden_size, vision.norm_eps
+        self.patch_embed = PatchEmbedding(vision, dtype, bias=self.traits.patch_bias)
+        if self.traits.positions == "rope2d":
+            self.rotary = VisionRotaryEmbedding(hidden // vision.num_attention_heads, vision.rope_theta)
+        else:
+            self.position_embedding = LearnedPositionEmbedding(
+                position_grid_side(vision), hidden, self.traits.class_token, dtype
+            )
+        if self.traits.pre_norm:
+            self.pre_norm = LayerNorm(transformer_config, hidden, eps=eps)
         layer_spec = vision_layer_spec(layer_spec, vision)
         self.layers = torch.nn.ModuleList(
             build_module(layer_spec, config=transformer_config, layer_number=i + 1)
             for i in range(vision.num_layers)
         )
+        if vision.post_norm:
+            self.post_norm = LayerNorm(transformer_config, hidden, eps=eps)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N patches, C*T*P*P] -> [N, hidden] for all images of a microbatch packed together."""
         coords = patch_coordinates(grid_thw.cpu(), self.vision.spatial_merge_size).to(pixel_values.device)
-        segments = {"full": coords[:, 0], "window": window_segments(coords, grid_thw.cpu(), self.window_patches)}
         hidden = self.patch_embed(pixel_values)  # the patch embedding is a plain matmul, never FP8
+        if self.traits.positions == "rope2d":
+            return self._layers(hidden, coords, grid_thw)
+        hidden = hidden + self.position_embedding(grid_thw.tolist(), coords)
+        image_of_row, patch_rows = coords[:, 0], None
+        if self.traits.class_token:
+            hidden, image_of_row, patch_rows = insert_class_tokens(
+                hidden, coords[:, 0], len(grid_thw), self.position_embedding.class_token()
+            )
+        if self.traits.pre_norm:
+            hidden = self.pre_norm(hidden)
+        hidden = self._layers(hidden, None, grid_thw, image_of_row)
+        if patch_rows is not None:
+            hidden = hidden[patch_rows]
+        return hidden
+
+    def _layers(self, hidden: torch.Tensor, coords, grid_thw: torch.Tensor, image_of_row=None) -> torch.Tensor:
+        """The transformer layers (and the final norm) over [rows, hidden].
+
+        coords: (image, t, row, col) per row for rotary positions and windows, or None
+        for a tower without them, whose rows attend within their image (image_of_row).
+        """
+        if coords is not None:
+            image_of_row = coords[:, 0]
+        segments = {"full": image_of_row}
+        if self.windowed_layers:
+            segments["window"] = window_segments(coords, grid_thw.cpu(), self.window_patches)
         patches = hidden.shape[0]
         pad = (-patches) % get_fp8_align_size(self.config.fp8_recipe) if self.config.fp8 else 0
         if pad:
@@ -160,19 +201,23 @@ class VisionEncoder(MegatronModule):
             # segment, so no patch attends to them, and they are dropped at the end.
             segments = {kind: torch.cat([ids, ids.new_full((pad,), int(ids.max()) + 1)])
                         for kind, ids in segments.items()}
-            coords = torch.cat([coords, coords.new_zeros(pad, coords.shape[1])])
+            if coords is not None:
+                coords = torch.cat([coords, coords.new_zeros(pad, coords.shape[1])])
             hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
         masks = {kind: self._mask(ids) for kind, ids in segments.items()}
-        rotary = self.rotary(coords[:, 2], coords[:, 3])
+        rotary = self.rotary(coords[:, 2], coords[:, 3]) if coords is not None else None
         hidden = hidden[:, None, :]  # [N, 1, hidden]: megatron's [s, b, h]
         # megatron's TransformerBlock enters the FP8 region around its layers; the tower calls its
         # layers itself, so it enters it here. Without train.fp8_vision its config has no fp8 and
         # this is a null context: the tower's linears then run in bf16 even on FP8 runs.
         with get_fp8_context(self.config):
             for index, layer in enumerate(self.layers):
-                kind = "full" if index in self.full_attention_layers else "window"
+                kind = "window" if index in self.windowed_layers else "full"
                 hidden, _ = layer(hidden, attention_mask=masks[kind], rotary_pos_emb=rotary)
-        return hidden[:patches, 0, :]
+        hidden = hidden[:patches, 0, :]
+        if self.vision.post_norm:
+            hidden = self.post_norm(hidden)
+        return hidden
 
     def _mask(self, segments: torch.Tensor):
         return materialize(segment_mask_mod(segments[None, :]), 1, segments.numel(), self.attention_backend)

@@ -17,7 +17,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megavl.config import Config
-from megavl.models.adapter import PatchMergerAdapter
+from megavl.models.adapter import build_adapter
 from megavl.models.modality import vision_tokens
 from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
@@ -54,14 +54,7 @@ class VisionLanguageModel(MegatronModule):
                 layer_spec(layers, platform.attention_backend),
                 platform.attention_backend,
             )
-            merge = vision.spatial_merge_size
-            self.adapter = PatchMergerAdapter(
-                vision_config,
-                vision_hidden=vision.hidden_size,
-                merge=merge,
-                ffn_hidden=config.model.adapter.ffn_hidden_size or vision.hidden_size * merge * merge,
-                lm_hidden=lm.hidden_size,
-            )
+            self.adapter = build_adapter(config, vision_config)
 
         self.language_model = GPTModel(
             lm_config,
