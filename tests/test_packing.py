@@ -223,3 +223,19 @@ def test_stats_load_states_saved_without_the_vision_counters():
     assert restored == stats
     with pytest.raises(ValueError, match="'packs'"):
         restored.load_state_dict({k: v for k, v in old.items() if k != "packs"})
+
+
+def test_image_positions_spatial_or_sequential():
+    """An image of 2x2 merged tokens between text: spatial ids share the image's temporal position and
+    spread over height and width; sequential ids number every token one after the other."""
+    tokens = [20, 21] + [IMAGE_TOKEN] * 4 + [22]
+    image = ImagePatches(torch.zeros(16, 8), (1, 4, 4))  # 4x4 patches -> 2x2 merged tokens
+    sample = Sample(tokens, [IGNORE_INDEX] * 7, [0] * 7, [image], "k")
+    spatial = pack_row([sample, sample], 16, IMAGE_TOKEN, MERGE)["position_ids"]
+    sequential = pack_row([sample, sample], 16, IMAGE_TOKEN, MERGE, positions="sequential")["position_ids"]
+    assert spatial[:, :7].tolist() == [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]]
+    # Each packed sample starts again at 0; all three rows are the same 1-D positions.
+    assert sequential[0, :14].tolist() == list(range(7)) * 2
+    assert (sequential[:, :14] == sequential[0, :14]).all()
+    with pytest.raises(ValueError, match="model.lm.image_positions"):
+        pack_row([sample], 16, IMAGE_TOKEN, MERGE, positions="1d")

@@ -211,7 +211,7 @@ class VerificationInput:
 
 def _collate(documents: Sequence[Sample], length: int, config: Config) -> Microbatch:
     lm, merge = config.model.lm, config.model.vision.spatial_merge_size
-    return collate_rows([pack_row(documents, length, lm.image_token_id, merge)])
+    return collate_rows([pack_row(documents, length, lm.image_token_id, merge, positions=lm.image_positions)])
 
 
 def document(config: Config, parts: Sequence[Union[int, ImagePatches]], text, key: str) -> Sample:

@@ -15,7 +15,8 @@ import torch
 
 from megavl.models.inputs import IGNORE_INDEX, Microbatch, PAD_DOCUMENT_ID, TEXT_IMAGE_ID
 
-__all__ = ["IGNORE_INDEX", "ImagePatches", "Sample", "collate_rows", "mrope_position_ids", "pack_row"]
+__all__ = ["IGNORE_INDEX", "ImagePatches", "Sample", "collate_rows", "mrope_position_ids", "pack_row",
+           "sequential_position_ids"]
 
 
 @dataclass
@@ -83,10 +84,22 @@ def mrope_position_ids(sample: Sample, image_token_id: int, merge: int) -> torch
     return positions
 
 
+def sequential_position_ids(sample: Sample) -> torch.Tensor:
+    """Every token one position after the last, image tokens too (LLaVA, Idefics3): [3, len],
+    the three rows equal, so a 1-D RoPE LM reads row 0 as for spatial positions."""
+    return torch.arange(len(sample.tokens), dtype=torch.long).expand(3, -1)
+
+
 def pack_row(
-    samples: Sequence[Sample], seq_length: int, image_token_id: int, merge: int, pad_token_id: int = 0
+    samples: Sequence[Sample], seq_length: int, image_token_id: int, merge: int, pad_token_id: int = 0,
+    positions: str = "spatial",
 ) -> dict:
-    """Concatenates samples into one row of exactly seq_length tokens (padding at the end)."""
+    """Concatenates samples into one row of exactly seq_length tokens (padding at the end).
+
+    positions: model.lm.image_positions, how image tokens are numbered (spatial: Qwen's
+    multimodal ids; sequential: one after another, like text)."""
+    if positions not in ("spatial", "sequential"):
+        raise ValueError(f"positions = {positions!r}: must be spatial or sequential (model.lm.image_positions)")
     total = sum(len(s) for s in samples)
     if total > seq_length:
         raise ValueError(f"samples of {total} tokens do not fit in seq_length={seq_length}")
@@ -108,7 +121,10 @@ def pack_row(
         row["labels"][start:end] = torch.tensor(sample.labels, dtype=torch.long)
         row["document_ids"][start:end] = doc
         row["turn_ids"][start:end] = torch.tensor(sample.turn_ids, dtype=torch.long)
-        row["position_ids"][:, start:end] = mrope_position_ids(sample, image_token_id, merge)
+        row["position_ids"][:, start:end] = (
+            mrope_position_ids(sample, image_token_id, merge) if positions == "spatial"
+            else sequential_position_ids(sample)
+        )
         image_ids = row["image_ids"][start:end]
         slots = (tokens == image_token_id).nonzero().flatten().tolist()
         cursor = 0

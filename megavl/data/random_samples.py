@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,8 +16,10 @@ from megavl.data.tokenizer import SPECIAL_TOKENS
 _FIRST_TEXT_ID = len(SPECIAL_TOKENS)
 
 
-def random_image(rng: random.Random, config: Config, sides: Sequence[int]) -> ImagePatches:
+def random_image(rng: random.Random, config: Config, sides: Optional[Sequence[int]] = None) -> ImagePatches:
+    """A random image with sides from `sides`, by default 2-4 merged tokens (patch * merge pixels)."""
     v = config.model.vision
+    sides = sides or tuple(k * v.patch_size * v.spatial_merge_size for k in (2, 3, 4))
     height, width = rng.choice(sides), rng.choice(sides)
     generator = torch.Generator().manual_seed(rng.getrandbits(31))
     pixels = torch.randn(v.in_channels, height, width, generator=generator)
@@ -29,7 +31,7 @@ def random_sample(
     rng: random.Random,
     config: Config,
     max_images: int = 2,
-    sides: Sequence[int] = (56, 84, 112),
+    sides: Optional[Sequence[int]] = None,
     conversation_masking: bool = False,
 ) -> Sample:
     """Context text, 0..max_images images, then 1-3 question/answer turns with loss on answers."""
@@ -72,6 +74,7 @@ def random_batches(config: Config, count: int, seed: int, samples_per_row: int =
                 if used + len(sample) <= t.seq_length:
                     samples.append(sample)
                     used += len(sample)
-            rows.append(pack_row(samples, t.seq_length, config.model.lm.image_token_id, merge))
+            rows.append(pack_row(samples, t.seq_length, config.model.lm.image_token_id, merge,
+                                 positions=config.model.lm.image_positions))
         batches.append(collate_rows(rows))
     return batches

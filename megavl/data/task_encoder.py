@@ -133,7 +133,7 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             self._render([i for i in items if i["failure"] is None])
             samples = [i["sample"] for i in items if i["failure"] is None]
             row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
-                           pad_token_id(self.tokenizer))
+                           pad_token_id(self.tokenizer), self.config.model.lm.image_positions)
             return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items]}
 
         @stateless
@@ -214,7 +214,7 @@ def select_packs(items: list[dict], config: Config) -> list[list[dict]]:
 
 def empty_row(config: Config, tokenizer) -> dict:
     return pack_row([], config.train.seq_length, config.model.lm.image_token_id,
-                    config.model.vision.spatial_merge_size, pad_token_id(tokenizer))
+                    config.model.vision.spatial_merge_size, pad_token_id(tokenizer), config.model.lm.image_positions)
 
 
 def collate_packs(packs: list[dict], config: Config, tokenizer) -> dict:

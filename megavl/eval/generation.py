@@ -110,7 +110,8 @@ class Generator:
         }
         images = []
         for row, prompt in enumerate(prompts):
-            packed = pack_row([prompt], len(prompt), self.image_token, self.merge, self.pad)
+            packed = pack_row([prompt], len(prompt), self.image_token, self.merge, self.pad,
+                              self.config.model.lm.image_positions)
             start = longest - len(prompt)
             for key in ("tokens", "document_ids", "image_ids", "turn_ids"):
                 batch[key][row, start:longest] = packed[key]

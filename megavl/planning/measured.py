@@ -60,7 +60,8 @@ def probe_microbatch(config, images_per_row: int, image_side: int, seed: int = 0
         tokens += [rng.randrange(first_text_id, lm.vocab_size) for _ in range(t.seq_length - len(tokens))]
         labels = [rng.randrange(first_text_id, lm.vocab_size) for _ in tokens]
         sample = Sample(tokens=tokens, labels=labels, turn_ids=[0] * len(tokens), images=images)
-        rows.append(pack_row([sample], t.seq_length, lm.image_token_id, v.spatial_merge_size))
+        rows.append(pack_row([sample], t.seq_length, lm.image_token_id, v.spatial_merge_size,
+                             positions=lm.image_positions))
     return collate_rows(rows)
 
 
