@@ -162,7 +162,10 @@ def test_missing_checkpoint_is_a_clear_error(trainable, tmp_path):
 
 @pytest.mark.parametrize("config_name,overrides", [
     ("tiny_cpu.yaml", []),
-    ("tiny_cpu.yaml", ["model.vision.norm=layernorm", "model.vision.mlp=gelu_quick", "model.lm.tie_embeddings=false"]),
+    ("tiny_cpu.yaml", ["model.vision.kind=qwen2_vl", "model.vision.norm=layernorm", "model.vision.mlp=gelu_quick",
+                       "model.lm.tie_embeddings=false"]),
+    ("tiny_siglip_cpu.yaml", ["model.adapter.norm=before"]),
+    ("tiny_clip_cpu.yaml", ["model.vision.post_norm=true", "model.adapter.bias=false"]),
     ("tiny_moe_cpu.yaml", ["parallel.expert=1", "model.lm.moe.shared_expert_ffn_hidden_size=96"]),
 ])
 def test_parameter_counts_from_config_match_the_built_model(megatron_world, config_name, overrides):

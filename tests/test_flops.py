@@ -28,6 +28,8 @@ from megavl.models.flops import ModelFlops, lm_attention_pairs, microbatch_flops
 from conftest import ROOT, TINY_CONFIG
 
 MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
+SIGLIP_CONFIG = ROOT / "examples" / "configs" / "tiny_siglip_cpu.yaml"
+CLIP_CONFIG = ROOT / "examples" / "configs" / "tiny_clip_cpu.yaml"
 SHORT = ["train.seq_length=256"]
 # The one matmul FlopCounterMode sees that is no model FLOP: multimodal RoPE's frequencies, an
 # outer product of positions and inverse frequencies written as a matmul (3 * b * s * head_dim
@@ -55,6 +57,12 @@ CASES = {
                                           "train.parts.adapter.train=false", "train.parts.lm.train=false",
                                           "train.parts.lm_embeddings.train=false",
                                           "train.parts.output_layer.train=false"]),
+    # SigLIP + pixel shuffle (one linear, norm after); with only the adapter training, its linear
+    # (megatron's) still computes its input's gradient, which nothing below uses.
+    "siglip": (SIGLIP_CONFIG, SHORT),
+    "siglip-align": (SIGLIP_CONFIG, [*SHORT, "train.stage=align"]),
+    # CLIP (a class token per image) + LLaVA's MLP on every patch, a norm before it.
+    "clip": (CLIP_CONFIG, [*SHORT, "model.adapter.norm=before"]),
 }
 
 
@@ -99,11 +107,15 @@ def _counted(model, config, batch, backward: bool):
 
 def _dense_attention_count(batch, config, monkeypatch) -> ModelFlops:
     """The count with the pairs SDPA computes over a dense mask instead of those the mask allows."""
+    from megavl.config.towers import tower_traits
+
     b, s = batch["tokens"].shape
-    patches = int(batch["image_grid_thw"].prod(dim=-1).sum())
+    grid = batch["image_grid_thw"]
+    # The tower's rows: every patch, and a class token per image where the tower has one.
+    rows = int(grid.prod(dim=-1).sum()) + len(grid) * int(tower_traits(config.model.vision).class_token)
     with monkeypatch.context() as patched:
         patched.setattr(flops, "lm_attention_pairs", lambda batch, bidirectional: b * s * s)
-        patched.setattr(flops, "vision_attention_pairs", lambda grid, vision: (patches**2, patches**2))
+        patched.setattr(flops, "vision_attention_pairs", lambda grid, vision: (rows**2, rows**2))
         return microbatch_flops(batch, config)
 
 
@@ -120,7 +132,9 @@ def test_count_matches_flop_counter_mode(megatron_world, monkeypatch, name):
     counted = _counted(model, config, batch, backward=True)["Global"]
     ours = microbatch_flops(batch, config)
     dense = _dense_attention_count(batch, config, monkeypatch)
-    mm, bmm = counted.get(torch.ops.aten.mm, 0), counted.get(torch.ops.aten.bmm, 0)
+    # A biased linear outside megatron (SigLIP's patch embedding) is an addmm.
+    mm = counted.get(torch.ops.aten.mm, 0) + counted.get(torch.ops.aten.addmm, 0)
+    bmm = counted.get(torch.ops.aten.bmm, 0)
     # Every linear, router and expert is an mm; attention (and RoPE's frequencies) are bmm.
     assert mm == ours.total - ours.attention
     assert dense.total - dense.attention == ours.total - ours.attention
@@ -193,6 +207,14 @@ def test_vision_pairs_are_the_towers_segments():
     windows = window_segments(coords, grid, vision.window_size // vision.patch_size)
     windowed = int((torch.unique(windows, return_counts=True)[1] ** 2).sum())
     assert vision_attention_pairs(grid, vision) == (full, windowed)
+
+
+def test_towers_without_windows_attend_over_each_image_and_its_class_token():
+    grid = torch.tensor([[1, 4, 4], [1, 2, 6]])
+    siglip = load_config(str(SIGLIP_CONFIG)).model.vision
+    clip = load_config(str(CLIP_CONFIG)).model.vision
+    assert vision_attention_pairs(grid, siglip) == (16**2 + 12**2, 16**2 + 12**2)
+    assert vision_attention_pairs(grid, clip) == (17**2 + 13**2, 17**2 + 13**2)
 
 
 def _row(documents: list[int]) -> dict:

@@ -69,9 +69,11 @@ def _cluster(nodes: int, gpus_per_node: int, gpu: str = "h100"):
 @pytest.mark.parametrize("name,overrides", [
     ("tiny_cpu.yaml", []),
     ("tiny_moe_cpu.yaml", ["parallel.expert=1"]),
-    ("tiny_cpu.yaml", ["model.vision.norm=layernorm", "model.vision.mlp=gelu_quick",
+    ("tiny_cpu.yaml", ["model.vision.kind=qwen2_vl", "model.vision.norm=layernorm", "model.vision.mlp=gelu_quick",
                        "model.lm.tie_embeddings=false", "model.lm.qk_layernorm=true"]),
-], ids=["dense", "moe", "variants"])
+    ("tiny_siglip_cpu.yaml", []),
+    ("tiny_clip_cpu.yaml", ["model.adapter.norm=after", "model.adapter.bias=false"]),
+], ids=["dense", "moe", "variants", "siglip", "clip"])
 def test_parameter_counts_agree_with_the_dry_run_and_the_built_model(megatron_world, capsys, name, overrides):
     from megavl.models.build import build_model, local_parameter_counts
     from megavl.planning.parameters import gpu_parameters, model_parameters, parameter_groups

@@ -20,7 +20,12 @@ What is counted, per microbatch of b rows of s positions:
   (window rows * window columns)^2 per temporal slice, windows of
   ``window_size // patch_size`` patches a side cut from the patch grid as
   megavl.models.vision.window_segments does.
-* Adapter: its two linears over the merged tokens (patches / merge^2).
+* Vision towers with a class token (CLIP) run their layers over one more row
+  per image, which also attends and is attended to within its image; towers
+  without windows (SigLIP, CLIP) attend over the whole image in every layer.
+* Adapter (``model.adapter.kind``): merge_mlp's two linears over the merged
+  tokens (patches / merge^2), pixel_shuffle's one linear over them, mlp's two
+  linears over every patch.
 * LM: every linear over all b*s positions, padding included (the matmuls run
   over it): QKV (grouped-query width), output projection, the dense MLPs or,
   in MoE layers, the router and top_k experts per position (dropless routing:
@@ -50,6 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from megavl.config import Config, VisionConfig
+from megavl.config.towers import adapter_ffn_hidden_size, tower_traits, windowed_layers
 from megavl.models.inputs import PAD_DOCUMENT_ID, TEXT_IMAGE_ID, Microbatch
 
 __all__ = ["ModelFlops", "lm_attention_pairs", "microbatch_flops", "vision_attention_pairs"]
@@ -131,11 +137,15 @@ def lm_attention_pairs(batch: Microbatch, bidirectional_images: bool) -> int:
 
 
 def vision_attention_pairs(grid_thw: torch.Tensor, vision: VisionConfig) -> tuple[int, int]:
-    """(pairs of one full-attention layer, pairs of one windowed layer) over the images of a microbatch."""
+    """(pairs of one full-attention layer, pairs of one windowed layer) over the images of a microbatch.
+
+    A tower with a class token (CLIP) attends over each image's patches and its class token."""
     if grid_thw is None or len(grid_thw) == 0:
         return 0, 0
     t, h, w = grid_thw.cpu().to(torch.int64).unbind(-1)
-    full = int(((t * h * w) ** 2).sum())
+    full = int(((t * h * w + int(tower_traits(vision).class_token)) ** 2).sum())
+    if not tower_traits(vision).windows:
+        return full, full
     side = vision.window_size // vision.patch_size
 
     def squared_window_sides(n: torch.Tensor) -> torch.Tensor:
@@ -204,6 +214,24 @@ class _Count:
         self.flops[part] += 4 * pairs * width * (1 + 2 * grad)
 
 
+def _adapter_flops(count: _Count, config: Config, patches: int, grad: bool, trains: bool) -> bool:
+    """The projector's linears (model.adapter.kind); returns whether its output carries a gradient."""
+    a, v, lm = config.model.adapter, config.model.vision, config.model.lm
+    merged = patches // v.spatial_merge_size**2
+    merged_width = v.hidden_size * v.spatial_merge_size**2
+    # megatron's linears compute their input's gradient whenever their backward runs, so the
+    # first one does when the tower below trains or its own weights do.
+    grad = grad or trains
+    if a.kind == "pixel_shuffle":
+        return count.linear("adapter", merged, merged_width, lm.hidden_size, grad, trains)
+    ffn = adapter_ffn_hidden_size(config)
+    if a.kind == "mlp":
+        hidden = count.linear("adapter", patches, v.hidden_size, ffn, grad, trains)
+        return count.linear("adapter", patches, ffn, lm.hidden_size, hidden, trains)
+    hidden = count.linear("adapter", merged, merged_width, ffn, grad, trains)
+    return count.linear("adapter", merged, ffn, lm.hidden_size, hidden, trains)
+
+
 def microbatch_flops(batch: Microbatch, config: Config) -> ModelFlops:
     """The training FLOPs of one microbatch (see the module docstring for what counts)."""
     v, lm = config.model.vision, config.model.lm
@@ -215,23 +243,22 @@ def microbatch_flops(batch: Microbatch, config: Config) -> ModelFlops:
     image_grad = False
     if has_images:
         patches = int(grid.to(torch.int64).prod(dim=-1).sum())
+        # The layers also run over the class tokens, one per image (CLIP).
+        rows = patches + len(grid) * int(tower_traits(v).class_token)
         patch_inputs = v.in_channels * v.temporal_patch_size * v.patch_size**2
         width = v.num_attention_heads * (v.hidden_size // v.num_attention_heads)
         fc1_out = 2 * v.ffn_hidden_size if v.mlp == "swiglu" else v.ffn_hidden_size
         full, windowed = vision_attention_pairs(grid, v)
+        windowed_layers_ = windowed_layers(v)
         grad = count.linear("vision", patches, patch_inputs, v.hidden_size, False, trains.patch_embedding)
         for index, layer_trains in enumerate(trains.vision_layers):
             # Each linear reads a norm's output, and the norm's weight trains with its layer.
-            qkv = count.linear("vision", patches, v.hidden_size, 3 * width, grad or layer_trains, layer_trains)
-            count.attention("vision_attention", full if index in v.full_attention_layers else windowed, width, qkv)
-            grad = count.linear("vision", patches, width, v.hidden_size, qkv, layer_trains) or grad
-            hidden = count.linear("vision", patches, v.hidden_size, fc1_out, grad or layer_trains, layer_trains)
-            grad = count.linear("vision", patches, v.ffn_hidden_size, v.hidden_size, hidden, layer_trains) or grad
-        merged = patches // v.spatial_merge_size**2
-        merged_width = v.hidden_size * v.spatial_merge_size**2
-        adapter_ffn = config.model.adapter.ffn_hidden_size or merged_width
-        hidden = count.linear("adapter", merged, merged_width, adapter_ffn, grad or trains.adapter, trains.adapter)
-        image_grad = count.linear("adapter", merged, adapter_ffn, lm.hidden_size, hidden, trains.adapter)
+            qkv = count.linear("vision", rows, v.hidden_size, 3 * width, grad or layer_trains, layer_trains)
+            count.attention("vision_attention", windowed if index in windowed_layers_ else full, width, qkv)
+            grad = count.linear("vision", rows, width, v.hidden_size, qkv, layer_trains) or grad
+            hidden = count.linear("vision", rows, v.hidden_size, fc1_out, grad or layer_trains, layer_trains)
+            grad = count.linear("vision", rows, v.ffn_hidden_size, v.hidden_size, hidden, layer_trains) or grad
+        image_grad = _adapter_flops(count, config, patches, grad, trains.adapter)
 
     b, s = batch["tokens"].shape
     rows = b * s

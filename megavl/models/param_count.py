@@ -7,18 +7,19 @@ A test checks these formulas against a model that is actually built.
 from __future__ import annotations
 
 from megavl.config import Config
+from megavl.config.towers import adapter_ffn_hidden_size, adapter_norm, position_grid_side, tower_traits
 
 
 def _attention_mlp_layer(
     hidden: int, heads: int, groups: int, ffn: int, qkv_bias: bool, linear_bias: bool, qk_norm: bool,
-    norm_has_bias: bool = False, gated: bool = True,
 ) -> int:
+    """One LM layer with RMSNorms and a gated (SwiGLU) MLP."""
     head_dim = hidden // heads
     qkv_out = (heads + 2 * groups) * head_dim
-    count = 2 * hidden * (2 if norm_has_bias else 1)  # input and pre-MLP norms
+    count = 2 * hidden  # input and pre-MLP norms
     count += qkv_out * hidden + (qkv_out if qkv_bias else 0)
     count += heads * head_dim * hidden + (hidden if linear_bias else 0)
-    fc1_out = 2 * ffn if gated else ffn  # a gated fc1 holds gate and up
+    fc1_out = 2 * ffn  # the gated fc1 holds gate and up
     count += fc1_out * hidden + (fc1_out if linear_bias else 0)
     count += ffn * hidden + (hidden if linear_bias else 0)
     if qk_norm:
@@ -26,22 +27,78 @@ def _attention_mlp_layer(
     return count
 
 
+# (name, unsharded count, how tensor parallelism splits it: "replicated" or "tensor").
+Piece = tuple[str, int, str]
+
+
+def vision_parameter_pieces(config: Config) -> list[Piece]:
+    """The vision tower's parameters, by what holds them (model.vision.kind decides which exist)."""
+    v = config.model.vision
+    traits = tower_traits(v)
+    h = v.hidden_size
+    layer_norm = 2 * h  # LayerNorm: weight and bias
+    norm = layer_norm if v.norm == "layernorm" else h
+    fc1_out = 2 * v.ffn_hidden_size if v.mlp == "swiglu" else v.ffn_hidden_size
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+    pieces: list[Piece] = [("patch embedding", h * patch + (h if traits.patch_bias else 0), "replicated")]
+    if traits.positions == "learned":
+        side = position_grid_side(v)
+        rows = side * side + int(traits.class_token)
+        pieces.append(("position embedding", rows * h, "replicated"))
+        if traits.class_token:
+            pieces.append(("class embedding", h, "replicated"))
+    if traits.pre_norm:
+        pieces.append(("pre-layer norm", layer_norm, "replicated"))
+    n = v.num_layers
+    pieces += [
+        (f"{n} layers: norms", n * 2 * norm, "replicated"),
+        (f"{n} layers: qkv weight + bias", n * (3 * h * h + 3 * h), "tensor"),
+        (f"{n} layers: attention output weight", n * h * h, "tensor"),
+        (f"{n} layers: attention output bias", n * h, "replicated"),
+        (f"{n} layers: fc1 weight + bias", n * (fc1_out * h + fc1_out), "tensor"),
+        (f"{n} layers: fc2 weight", n * v.ffn_hidden_size * h, "tensor"),
+        (f"{n} layers: fc2 bias", n * h, "replicated"),
+    ]
+    if v.post_norm:
+        pieces.append(("post-layer norm", layer_norm, "replicated"))
+    return pieces
+
+
+def adapter_parameter_pieces(config: Config) -> list[Piece]:
+    """The projector's parameters (model.adapter.kind, megavl/models/adapter.py)."""
+    a, v, lm = config.model.adapter, config.model.vision, config.model.lm
+    h, out = v.hidden_size, lm.hidden_size
+    merged = h * v.spatial_merge_size**2
+    norm = adapter_norm(a)
+    pieces: list[Piece] = []
+    if a.kind == "merge_mlp":
+        pieces.append(("norm", h * (2 if v.norm == "layernorm" else 1), "replicated"))
+    elif norm != "none":
+        pieces.append((f"norm ({norm})", 2 * (h if norm == "before" else out), "replicated"))
+    bias = int(a.bias)
+    if a.kind == "pixel_shuffle":
+        # One column-parallel linear: its bias is split with its columns.
+        pieces.append(("linear weight" + (" + bias" if bias else ""), merged * out + bias * out, "tensor"))
+        return pieces
+    width = merged if a.kind == "merge_mlp" else h
+    ffn = adapter_ffn_hidden_size(config)
+    pieces += [
+        ("fc1 weight" + (" + bias" if bias else ""), width * ffn + bias * ffn, "tensor"),
+        ("fc2 weight", ffn * out, "tensor"),
+    ]
+    if bias:
+        pieces.append(("fc2 bias", out, "replicated"))  # row-parallel: added once, after the reduce
+    return pieces
+
+
 def total_parameter_counts(config: Config) -> dict[str, int]:
     """The whole model's parameters per component, unsharded (what all ranks hold together, once).
 
     What one rank holds of a built model is ``megavl.models.build.local_parameter_counts``.
     """
-    v, a, lm = config.model.vision, config.model.adapter, config.model.lm
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
-    vision = v.hidden_size * patch + v.num_layers * _attention_mlp_layer(
-        v.hidden_size, v.num_attention_heads, v.num_attention_heads, v.ffn_hidden_size,
-        qkv_bias=True, linear_bias=True, qk_norm=False,
-        norm_has_bias=v.norm == "layernorm", gated=v.mlp == "swiglu",
-    )
-    merged = v.hidden_size * v.spatial_merge_size**2
-    adapter_ffn = a.ffn_hidden_size or merged
-    adapter_norm = v.hidden_size * (2 if v.norm == "layernorm" else 1)
-    adapter = adapter_norm + merged * adapter_ffn + adapter_ffn + adapter_ffn * lm.hidden_size + lm.hidden_size
+    lm = config.model.lm
+    vision = sum(count for _, count, _ in vision_parameter_pieces(config))
+    adapter = sum(count for _, count, _ in adapter_parameter_pieces(config))
     language = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2) + lm.hidden_size
     moe = lm.moe
     h = lm.hidden_size

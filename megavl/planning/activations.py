@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megavl.config import Config, lm_layers_per_stage
+from megavl.config.towers import adapter_ffn_hidden_size, adapter_norm, tower_traits
 
 # The device the run uses: "cuda" (FlexAttention, the GPU kernels) or "cpu" (dense-mask SDPA).
 Device = Literal["cuda", "cpu"]
@@ -205,6 +206,27 @@ def _moe_bytes(config: Config, x: _Shape, a: int, rm: int) -> dict[str, float]:
     return out
 
 
+def _adapter_bytes(config: Config, patches: float, a: int) -> float:
+    """What the projector (model.adapter.kind) saves for backward over `patches` patches."""
+    ad, v, lm = config.model.adapter, config.model.vision, config.model.lm
+    h, tp, lm_h = v.hidden_size, config.parallel.tensor, lm.hidden_size
+    merge = v.spatial_merge_size ** 2
+    norm = adapter_norm(ad)
+    if ad.kind == "merge_mlp":
+        ffn = adapter_ffn_hidden_size(config) // tp
+        return (_norm_bytes(patches, h, v.norm, a) + patches * a * h
+                + 2 * (patches / merge) * a * ffn)  # GELU's input and output
+    tokens = patches / merge if ad.kind == "pixel_shuffle" else patches
+    saved = patches * a * h  # the first linear's input
+    if norm == "before":
+        saved += _norm_bytes(patches, h, "layernorm", a)
+    elif norm == "after":
+        saved += _norm_bytes(tokens, lm_h, "layernorm", a)
+    if ad.kind == "mlp":
+        saved += 2 * tokens * a * adapter_ffn_hidden_size(config) // tp  # GELU's input and output
+    return saved
+
+
 def vision_tower_bytes(config: Config, patches: float, device: Device) -> dict[str, float]:
     """The vision encoder and adapter for `patches` patches (all images of a microbatch packed as one sequence)."""
     v, p = config.model.vision, config.parallel
@@ -221,11 +243,13 @@ def vision_tower_bytes(config: Config, patches: float, device: Device) -> dict[s
                  + patches * 4 * a * d
                  + _attention_core_bytes(patches, heads, heads, d, a, 1, patches, device)
                  + patches * a * (activation + ffn))
-    merge = v.spatial_merge_size ** 2
-    adapter_ffn = (config.model.adapter.ffn_hidden_size or h * merge) // tp
-    adapter = (_norm_bytes(patches, h, v.norm, a) + patches * a * h
-               + 2 * (patches / merge) * a * adapter_ffn)  # GELU's input and output
-    return {"patch pixels": patches * a * pixels, "vision layers": v.num_layers * per_layer, "adapter": adapter}
+    # Towers without rotary positions keep no rotated Q and K (their attention core saves
+    # 4 * d fewer elements per row than the inventory above assumes), and a class token per
+    # image adds a row per image; both are small beside the MLP's share and not modelled.
+    # The LayerNorms before the first layer (CLIP) and after the last (post_norm) are.
+    tower_norms = _norm_bytes(patches, h, "layernorm", a) * (int(tower_traits(v).pre_norm) + int(v.post_norm))
+    layers = v.num_layers * per_layer + tower_norms
+    return {"patch pixels": patches * a * pixels, "vision layers": layers, "adapter": _adapter_bytes(config, patches, a)}
 
 
 def _dropout_mask_bytes(config: Config, device: Device) -> int:

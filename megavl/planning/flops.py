@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megavl.config import Config
+from megavl.config.towers import windowed_layers
 from megavl.planning.activations import Recompute, vision_budget
 from megavl.planning.hardware import Cluster
 from megavl.planning.parameters import model_parameters
@@ -86,8 +87,8 @@ def step_flops(config: Config, recompute: Recompute = "none") -> StepFlops:
     per_image = budget.patches_per_image(config)
     images = patches / per_image if per_image else 0
     window = (v.window_size // v.patch_size) ** 2
-    full_layers = len(set(v.full_attention_layers))
-    attended = full_layers * per_image + (v.num_layers - full_layers) * min(per_image, window)
+    windowed = len(windowed_layers(v))
+    attended = (v.num_layers - windowed) * per_image + windowed * min(per_image, window)
     vision_attention = 3 * images * 4 * per_image * attended * v.hidden_size
 
     recompute_flops = 0.0

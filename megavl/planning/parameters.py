@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from megavl.config import Config, lm_layers_per_stage
-from megavl.models.param_count import active_language_model_parameters, total_parameter_counts
+from megavl.models.param_count import (
+    active_language_model_parameters,
+    adapter_parameter_pieces,
+    total_parameter_counts,
+    vision_parameter_pieces,
+)
 
 Shard = Literal["replicated", "tensor", "expert", "expert_lora"]
 Placement = Literal["first_stage", "last_stage", "lm_layer"]
@@ -47,44 +52,13 @@ class ParameterGroup:
 
 
 def _vision_groups(config: Config) -> list[ParameterGroup]:
-    v = config.model.vision
-    norm = v.hidden_size * (2 if v.norm == "layernorm" else 1)
-    fc1_out = 2 * v.ffn_hidden_size if v.mlp == "swiglu" else v.ffn_hidden_size
-    h = v.hidden_size
-    patch = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
-
-    def group(name, count, shard):
-        return ParameterGroup("vision", name, count, "first_stage", shard)
-
-    groups = [group("patch embedding", h * patch, "replicated")]
-    per_layer = [
-        ("norms", 2 * norm, "replicated"),
-        ("qkv weight + bias", 3 * h * h + 3 * h, "tensor"),
-        ("attention output weight", h * h, "tensor"),
-        ("attention output bias", h, "replicated"),
-        ("fc1 weight + bias", fc1_out * h + fc1_out, "tensor"),
-        ("fc2 weight", v.ffn_hidden_size * h, "tensor"),
-        ("fc2 bias", h, "replicated"),
-    ]
-    for name, count, shard in per_layer:
-        groups.append(group(f"{v.num_layers} layers: {name}", v.num_layers * count, shard))
-    return groups
+    return [ParameterGroup("vision", name, count, "first_stage", shard)
+            for name, count, shard in vision_parameter_pieces(config)]
 
 
 def _adapter_groups(config: Config) -> list[ParameterGroup]:
-    v, lm = config.model.vision, config.model.lm
-    merged = v.hidden_size * v.spatial_merge_size**2
-    ffn = config.model.adapter.ffn_hidden_size or merged
-
-    def group(name, count, shard):
-        return ParameterGroup("adapter", name, count, "first_stage", shard)
-
-    return [
-        group("norm", v.hidden_size * (2 if v.norm == "layernorm" else 1), "replicated"),
-        group("fc1 weight + bias", merged * ffn + ffn, "tensor"),
-        group("fc2 weight", ffn * lm.hidden_size, "tensor"),
-        group("fc2 bias", lm.hidden_size, "replicated"),
-    ]
+    return [ParameterGroup("adapter", name, count, "first_stage", shard)
+            for name, count, shard in adapter_parameter_pieces(config)]
 
 
 def _lm_layer_groups(config: Config, layer: int) -> list[ParameterGroup]:
