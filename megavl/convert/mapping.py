@@ -131,6 +131,21 @@ class PatchEmbedConv3d(Direct):
         return hf[0]
 
 
+class PatchEmbedConv2d(Direct):
+    """A Conv2d patch kernel [hidden, channels, P, P] (SigLIP, CLIP) <-> megavl's Conv3d layout
+    with one frame [hidden, channels, 1, P, P]."""
+
+    def to_megavl(self, hf):
+        if hf[0].dim() != 4:
+            raise ConversionError(
+                f"{self.hf[0]}: expected a 4-D Conv2d kernel [hidden, channels, P, P], got shape {tuple(hf[0].shape)}"
+            )
+        return hf[0].unsqueeze(2)
+
+    def to_hf(self, tensor):
+        return [tensor.squeeze(2)]
+
+
 class QKV(Mapping):
     """Separate q, k, v projections <-> megatron's fused linear_qkv.
 

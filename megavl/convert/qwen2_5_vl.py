@@ -34,6 +34,7 @@ class Qwen2_5_VL(qwen_vl.QwenVLArchitecture):
 
     def megavl_vision_fields(self, v) -> dict:
         return dict(
+            kind="qwen2_5_vl",
             hidden_size=v.hidden_size,
             ffn_hidden_size=v.intermediate_size,
             window_size=v.window_size,
@@ -45,6 +46,7 @@ class Qwen2_5_VL(qwen_vl.QwenVLArchitecture):
     def export_problems(self, config: Config) -> list[str]:
         v = config.model.vision
         problems = qwen_vl.lm_export_problems(config, megavl_features=self.megavl_features)
+        problems += qwen_vl.tower_export_problems(config, "qwen2_5_vl", self.name)
         if v.norm != "rmsnorm":
             problems.append(f"model.vision.norm = {v.norm}: Qwen2.5-VL's vision tower uses rmsnorm")
         if v.mlp != "swiglu":

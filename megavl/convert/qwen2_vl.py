@@ -36,6 +36,7 @@ class Qwen2_VL(qwen_vl.QwenVLArchitecture):
 
     def megavl_vision_fields(self, v) -> dict:
         return dict(
+            kind="qwen2_vl",
             hidden_size=v.embed_dim,
             ffn_hidden_size=int(v.embed_dim * v.mlp_ratio),
             # No window attention: every layer attends over the whole image.
@@ -46,7 +47,7 @@ class Qwen2_VL(qwen_vl.QwenVLArchitecture):
 
     def export_problems(self, config: Config) -> list[str]:
         v = config.model.vision
-        problems = qwen_vl.lm_export_problems(config)
+        problems = qwen_vl.lm_export_problems(config) + qwen_vl.tower_export_problems(config, "qwen2_vl", self.name)
         if v.norm != "layernorm":
             problems.append(f"model.vision.norm = {v.norm}: Qwen2-VL's vision tower uses layernorm")
         if v.mlp != "gelu_quick":

@@ -130,6 +130,25 @@ def apply_preprocessor(config: Config, preprocessor: Optional[dict], problems: l
 # ---------------------------------------------------------------------------
 
 
+def tower_export_problems(config: Config, kind: str, architecture: str) -> list[str]:
+    """Why config's vision tower, projector or image positions are not `architecture`'s
+    (a Qwen tower of model.vision.kind `kind`, the merge_mlp projector, spatial positions)."""
+    v, a, lm = config.model.vision, config.model.adapter, config.model.lm
+    problems = []
+    if v.kind != kind:
+        problems.append(f"model.vision.kind = {v.kind}: {architecture}'s vision tower is {kind}")
+    if a.kind != "merge_mlp" or not a.bias:
+        problems.append(
+            f"model.adapter.kind = {a.kind}, bias = {a.bias}: {architecture}'s projector is merge_mlp with biases"
+        )
+    if lm.image_positions != "spatial":
+        problems.append(
+            f"model.lm.image_positions = {lm.image_positions}: {architecture} numbers image tokens with "
+            "multimodal RoPE (spatial)"
+        )
+    return problems
+
+
 def lm_export_problems(config: Config, megavl_features: bool = False) -> list[str]:
     """Why the Qwen2 LM cannot reproduce config's; megavl_features: the remote-code
     class, which also has bidirectional image attention and vision LoRA."""
