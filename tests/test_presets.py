@@ -31,6 +31,12 @@ LAYOUTS = {
     "tiny_cpu.yaml": {1: (1, [4], 2, None), 2: (2, [4], 1, None)},
     "tiny_moe_cpu.yaml": {2: (2, [4], 1, 2)},
     "moe_8b_a1b.yaml": {128: (128, [24], 4, 2)},
+    "tiny_siglip_cpu.yaml": {1: (1, [4], 2, None), 2: (2, [4], 1, None)},
+    "tiny_clip_cpu.yaml": {1: (1, [4], 2, None), 2: (2, [4], 1, None)},
+    # The seed recipes on 1 node x 8 GPUs.
+    "siq_vl.yaml": {8: (8, [24], 16, None)},
+    "smolvlm_like.yaml": {8: (8, [24], 16, None)},
+    "llava_1_5_like.yaml": {8: (4, [32], 8, None)},
 }
 
 
@@ -141,3 +147,27 @@ def test_zaya1_recipe_stages_chain_and_follow_the_recipe():
     assert [c.train.optimizer for c in stages] == ["muon", "muon", "adamw", "muon"]
     # The new tokens' rows follow Qwen2.5-VL's 151,665 tokens inside the 151,936-row table.
     assert expand.train.embedding_rows_from == 151665 < expand.model.lm.vocab_size
+
+
+@pytest.mark.parametrize("name,overrides,published", [
+    ("siq_vl.yaml", [], 494_032_768),  # Qwen2.5-0.5B
+    ("smolvlm_like.yaml", ["model.lm.vocab_size=49152"], 1_711_376_384),  # SmolLM2-1.7B
+    ("llava_1_5_like.yaml", ["model.lm.vocab_size=32000"], 6_738_415_616),  # Llama-2-7B / Vicuna-7B v1.5
+])
+def test_recipe_language_models_have_their_published_parameter_counts(name, overrides, published):
+    config = load_config(str(CONFIGS / name), overrides)
+    assert parameter_counts(config)["language_model"] == published
+
+
+def test_recipe_projectors_weight_by_weight():
+    siq = parameter_counts(load_config(str(CONFIGS / "siq_vl.yaml")))
+    # Pixel shuffle x3 of width 1152 -> Linear(10368 -> 896) with bias -> LayerNorm(896).
+    assert siq["adapter"] == 10368 * 896 + 896 + 2 * 896
+    smol = parameter_counts(load_config(str(CONFIGS / "smolvlm_like.yaml")))
+    assert smol["adapter"] == 10368 * 2048  # Idefics3's connector: one linear, no bias
+    llava = parameter_counts(load_config(str(CONFIGS / "llava_1_5_like.yaml")))
+    assert llava["adapter"] == (1024 * 4096 + 4096) + (4096 * 4096 + 4096)
+    # SigLIP so400m: biased patch embedding, 27 x 27 positions, 27 layers, the post-layernorm.
+    layer = 2 * 2 * 1152 + (3 * 1152 * 1152 + 3 * 1152) + (1152 * 1152 + 1152) + (1152 * 4304 + 4304) \
+        + (4304 * 1152 + 1152)
+    assert siq["vision"] == (1152 * 3 * 14 * 14 + 1152) + 729 * 1152 + 27 * layer + 2 * 1152

@@ -114,6 +114,19 @@ def test_dry_run_prints_layout_and_parameter_counts():
     assert "parameters           total" in result.stdout
 
 
+@pytest.mark.parametrize("tower", ["siglip", "clip"])
+def test_other_towers_and_projectors_learn_through_the_whole_pipeline(data_dir, tmp_path, tower):
+    """tiny_siglip_cpu (SigLIP, pixel shuffle, sequential 1-D positions) and tiny_clip_cpu (CLIP,
+    LLaVA's MLP): the loader's fixed-size resolution policy, the tower, the projector and the LM."""
+    run = tmp_path / tower
+    config = ROOT / "examples" / "configs" / f"tiny_{tower}_cpu.yaml"
+    _train(1, _overrides(data_dir, run, steps=12, extra=[NO_TASK_EVAL]), config=config)
+    train, val = _metrics(run)
+    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 1.0, f"{tower}: loss did not fall: {first:.3f} -> {last:.3f}"
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+
+
 def test_moe_with_expert_parallelism_learns_and_reports_router_metrics(data_dir, tmp_path):
     run = tmp_path / "moe"
     moe_config = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"

@@ -36,11 +36,11 @@ def _overrides(data_dir, run_dir, steps, extra=(), image_backend="pillow"):
     ]
 
 
-def _train(nproc, overrides, timeout=600):
+def _train(nproc, overrides, timeout=600, config=TINY_CONFIG):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(_free_port()), str(ROOT / "pretrain_vlm.py"),
-               "--config", str(TINY_CONFIG), "--set", *overrides]
+               "--config", str(config), "--set", *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if result.returncode != 0:
         pytest.fail(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
