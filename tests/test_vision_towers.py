@@ -39,3 +39,20 @@ def test_a_whole_model_export_names_what_the_qwen_architectures_lack(name, reaso
         architecture_for_megavl(config)
     assert reason in str(raised.value)
     assert "model.lm.image_positions = sequential" in str(raised.value)
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_pixel_shuffle_concatenates_patches_in_idefics3s_channel_order(scale):
+    """The tower emits each merge block's patches consecutively; reshaping them is Idefics3's
+    pixel_shuffle of the row-major patch grid (channels: row in block, column in block, feature)."""
+    import torch
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    from megavl.models.vision import patch_coordinates
+
+    side, width = 6, 5
+    grid = torch.randn(side, side, width)  # a feature per patch, indexed by (row, col)
+    coords = patch_coordinates(torch.tensor([[1, side, side]]), scale)
+    ours = grid[coords[:, 2], coords[:, 3]].reshape(-1, scale * scale * width)
+    theirs = Idefics3Connector.pixel_shuffle(None, grid.reshape(1, side * side, width), scale)[0]
+    assert torch.equal(ours, theirs)
