@@ -56,3 +56,46 @@ def test_pixel_shuffle_concatenates_patches_in_idefics3s_channel_order(scale):
     ours = grid[coords[:, 2], coords[:, 3]].reshape(-1, scale * scale * width)
     theirs = Idefics3Connector.pixel_shuffle(None, grid.reshape(1, side * side, width), scale)[0]
     assert torch.equal(ours, theirs)
+
+
+# (config, overrides, image sizes (height, width) -> vision tokens the resolution policy plans)
+TOKEN_TABLE = [
+    # SigLIP + pixel shuffle x3, fixed 84 px squares: 2 x 2 tokens whatever the image.
+    ("tiny_siglip_cpu.yaml", [], {(30, 200): 4, (84, 84): 4, (500, 333): 4}),
+    # The same tower on 84 px tiles (up to 4) plus a global view of 4 tokens.
+    ("tiny_siglip_cpu.yaml", ["data.resolution.mode=tiling", "data.resolution.tile_size=84",
+                              "data.resolution.max_tiles=4"], {(84, 84): 4, (84, 168): 12, (300, 310): 20}),
+    # CLIP + LLaVA's MLP: one token per 14 px patch, 4 x 4 at the fixed 56 px.
+    ("tiny_clip_cpu.yaml", [], {(20, 90): 16, (56, 56): 16}),
+    # CLIP at native resolution: (h / 14) * (w / 14) tokens, its position table interpolated.
+    ("tiny_clip_cpu.yaml", ["data.resolution.mode=native", "data.resolution.max_pixels=20000"],
+     {(56, 56): 16, (42, 112): 24, (140, 70): 50}),
+]
+
+
+@pytest.mark.parametrize("name,overrides,table", TOKEN_TABLE, ids=["siglip-fixed", "siglip-tiles", "clip-fixed",
+                                                                  "clip-native"])
+def test_projector_token_counts_follow_the_resolution_policy(megatron_world, name, overrides, table):
+    """For a table of image sizes, the tokens the policy plans are the rows the tower + projector emit."""
+    import torch
+
+    from megavl.config import load_config
+    from megavl.data.image_patches import image_to_patches
+    from megavl.data.resolution import plan_image, vision_token_count
+    from megavl.models.build import build_model
+
+    config = load_config(str(ROOT / "examples" / "configs" / name), overrides)
+    v = config.model.vision
+    factor = v.patch_size * v.spatial_merge_size
+    model = build_model(config)
+    for (height, width), tokens in table.items():
+        plan = plan_image(height, width, config.data.resolution, factor)
+        assert vision_token_count(plan, factor) == tokens, (height, width)
+        sizes = [part.box[2:] if part.box is not None else plan.thumbnail_size for part in plan.parts]
+        pieces = [image_to_patches(torch.zeros(3, h, w), v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
+                  for h, w in sizes]
+        pixels = torch.cat([p for p, _ in pieces])
+        grid = torch.tensor([g for _, g in pieces])
+        with torch.no_grad():
+            rows = model.adapter(model.vision(pixels, grid))
+        assert rows.shape == (tokens, config.model.lm.hidden_size), (height, width)
