@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
 import sys
@@ -19,7 +20,8 @@ from megavl.data.dali_backend import DaliBackend
 from megavl.data.image_backends import native_plan, sample_jpeg, select_backend
 from megavl.data.image_rendering import ImageBatchError, check_plan, peek_size, to_patches
 from megavl.data.pillow_backend import PillowBackend
-from megavl.data.images import IMAGE_STD, ImageDecodeError, decode_image, image_to_model_input, smart_resize
+from megavl.config.towers import OPENAI_CLIP_STD
+from megavl.data.images import ImageDecodeError, decode_image, image_to_model_input, smart_resize
 from megavl.data.resolution import ImagePart, ImagePlan
 
 from conftest import REQUIRE_DALI, import_dali_or_skip
@@ -77,7 +79,7 @@ def tiled(resize_to=(56, 84), canvas=(112, 112), tile=56, thumbnail=(28, 56)) ->
 
 def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| of normalised pixels, in 8-bit levels."""
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
     return (a.cpu() - b.cpu()).abs() * std * 255
 
 
@@ -414,3 +416,54 @@ def test_a_run_resolves_auto_once_and_a_resumed_run_keeps_its_choice():
     assert resolve_image_backend("auto", previous="dali") == "dali"
     assert resolve_image_backend("auto", previous="pillow") == "pillow"
     assert resolve_image_backend("auto") in ("pillow", "dali")
+
+
+# -- each tower's pixel statistics ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, mean, std",
+    [
+        ([], (0.5,) * 3, (0.5,) * 3),  # SigLIP's own: [0, 1] -> [-1, 1]
+        (["model.vision.image_mean=[0.2,0.3,0.4]", "model.vision.image_std=[0.1,0.2,0.25]"],
+         (0.2, 0.3, 0.4), (0.1, 0.2, 0.25)),
+    ],
+    ids=["siglip-kind", "explicit"],
+)
+def test_records_are_normalised_with_the_towers_statistics(overrides, mean, std):
+    """A padded fixed-size image renders, through the record decoder, as (x / 255 - mean) / std of the
+    tower, with padding at exactly 0 (the mean colour), and equals image_to_model_input's pixels."""
+    from megavl.config import load_config
+    from megavl.data.records import RecordDecoder
+
+    from conftest import ROOT, tiny_tokenizer
+
+    config = load_config(str(ROOT / "examples" / "configs" / "tiny_siglip_cpu.yaml"), overrides)
+    colour = (200, 30, 90)
+    data = encode(Image.new("RGB", (84, 42), colour), "PNG")  # wide: fixed_fit pads the bottom half
+    decoder = RecordDecoder(tiny_tokenizer(["a picture"]), config, 0, PillowBackend())
+    record = {"conversations": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "a"}]}
+    planned = decoder.plan("k", {"json": json.dumps(record).encode(), "img0.png": data})
+    [(_, plan)] = planned.images
+    assert (plan.mean, plan.std) == (mean, std)
+    [sample] = decoder.render([planned])
+    [(tag, pixels)] = PillowBackend().render(data, plan)
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, mean, std)])
+    assert torch.allclose(pixels[:, :42], expected.view(3, 1, 1).expand(3, 42, 84), atol=1e-6)
+    assert torch.equal(pixels[:, 42:], torch.zeros(3, 42, 84))
+    assert torch.equal(sample.images[0].pixel_values, to_patches(pixels, config.model.vision).pixel_values)
+    # The converters' and generation's path gives the same pixels for an image of the planned size.
+    resized = image_to_model_input(Image.new("RGB", (84, 84), colour), config).pixel_values
+    assert torch.allclose(resized.view(-1, 3, 14 * 14)[:, :, 0], expected.expand(resized.shape[0], 3), atol=1e-6)
+
+
+def test_pixel_statistics_are_checked():
+    from megavl.config import ConfigError, load_config, validate
+
+    from conftest import ROOT
+
+    for overrides, message in ((["model.vision.image_mean=[0.5,0.5]"], r"model.vision.image_mean = \[0.5, 0.5\]: "
+                                "give one value per channel"),
+                               (["model.vision.image_std=[0.5,0,0.5]"], r"model.vision.image_std .* must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            validate(load_config(str(ROOT / "examples" / "configs" / "tiny_siglip_cpu.yaml"), overrides), world_size=1)

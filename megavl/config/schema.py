@@ -181,6 +181,10 @@ class VisionConfig:
     # A LayerNorm after the last layer (SigLIP's post_layernorm, whose output Idefics3 and
     # SiQ-VL project); LLaVA's CLIP features come from before it.
     post_norm: bool = False
+    # Pixel normalisation (x / 255 - mean) / std per channel, as the tower was pretrained.
+    # null: the kind's own (OpenAI CLIP's statistics for qwen2_5_vl, qwen2_vl and clip; 0.5 for siglip).
+    image_mean: Optional[list[float]] = None
+    image_std: Optional[list[float]] = None
 
 
 @dataclass

@@ -14,6 +14,13 @@ from typing import Optional
 from megavl.config.schema import AdapterConfig, Config, VisionConfig
 
 
+# OpenAI CLIP's pixel statistics, which CLIP and the Qwen2-VL / Qwen2.5-VL towers were trained with;
+# SigLIP maps [0, 1] to [-1, 1].
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
 @dataclass(frozen=True)
 class TowerTraits:
     norm: str  # model.vision.norm the kind uses
@@ -29,13 +36,16 @@ class TowerTraits:
     patch_bias: bool = False  # the patch embedding has a bias
     # A temporal_patch_size the kind requires (still-image towers take one frame), or None.
     temporal_patch_size: Optional[int] = None
+    # The pixel statistics the kind's pretrained towers were trained with (model.vision.image_mean / std).
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
 
 TOWERS = {
     "qwen2_5_vl": TowerTraits(norm="rmsnorm", mlp="swiglu", positions="rope2d", windows=True),
     "qwen2_vl": TowerTraits(norm="layernorm", mlp="gelu_quick", positions="rope2d", windows=True),
     "siglip": TowerTraits(norm="layernorm", mlp="gelu_tanh", positions="learned", windows=False,
-                          patch_bias=True, temporal_patch_size=1),
+                          patch_bias=True, temporal_patch_size=1, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
     "clip": TowerTraits(norm="layernorm", mlp="gelu_quick", positions="learned", windows=False,
                         class_token=True, pre_norm=True, temporal_patch_size=1),
 }
@@ -43,6 +53,14 @@ TOWERS = {
 
 def tower_traits(vision: VisionConfig) -> TowerTraits:
     return TOWERS[vision.kind]
+
+
+def image_normalisation(vision: VisionConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel the images are normalised with: model.vision's, else the kind's."""
+    traits = tower_traits(vision)
+    mean = traits.image_mean if vision.image_mean is None else vision.image_mean
+    std = traits.image_std if vision.image_std is None else vision.image_std
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
 
 
 def windowed_layers(vision: VisionConfig) -> set[int]:
@@ -107,6 +125,14 @@ def tower_problems(config: Config) -> list[str]:
             f"{s}.image_size = {v.image_size}: {s}.kind = {v.kind} has rotary positions for any size; "
             "image_size sizes the learned position table of siglip / clip; set it to 0"
         )
+    for name in ("image_mean", "image_std"):
+        value = getattr(v, name)
+        if value is None:
+            continue
+        if len(value) != v.in_channels:
+            problems.append(f"{s}.{name} = {value}: give one value per channel ({s}.in_channels = {v.in_channels})")
+        elif name == "image_std" and min(value) <= 0:
+            problems.append(f"{s}.{name} = {value}: every value must be > 0")
     merge = v.spatial_merge_size
     if a.kind == "mlp" and merge != 1:
         problems.append(

@@ -18,7 +18,7 @@ from megavl.convert.errors import ConversionError
 from megavl.convert.fields import Field, FieldTable, dtype_name
 from megavl.convert.mapping import Direct, FusedQKV, Mapping, MappingTable, PatchEmbedConv3d, Replicated
 from megavl.convert.tokens import vl_token_fields
-from megavl.data.images import IMAGE_MEAN, IMAGE_STD
+from megavl.config.towers import image_normalisation
 
 # Names written by transformers 4.52-4.5x, which saved the loaded module tree.
 HF_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -119,10 +119,17 @@ def apply_preprocessor(config: Config, preprocessor: Optional[dict], problems: l
                           ("merge_size", v.spatial_merge_size)):
         if key in preprocessor and preprocessor[key] != expected:
             problems.append(f"preprocessor_config.json {key} = {preprocessor[key]}: the vision tower uses {expected}")
-    for key, megavl_value in (("image_mean", IMAGE_MEAN), ("image_std", IMAGE_STD)):
+    apply_normalisation(v, preprocessor)
+
+
+def apply_normalisation(vision, preprocessor: dict) -> None:
+    """preprocessor_config.json's image_mean / image_std into model.vision where they are not the
+    tower kind's own (which a null field stands for)."""
+    for key, kind_value in zip(("image_mean", "image_std"), image_normalisation(dataclasses.replace(
+            vision, image_mean=None, image_std=None))):
         value = preprocessor.get(key)
-        if value is not None and any(abs(a - b) > 1e-6 for a, b in zip(value, megavl_value)):
-            notes.append(f"preprocessor_config.json {key} = {value}: megavl's image pipeline uses {list(megavl_value)}")
+        if value is not None and any(abs(a - b) > 1e-6 for a, b in zip(value, kind_value)):
+            setattr(vision, key, [float(x) for x in value])
 
 
 # ---------------------------------------------------------------------------
@@ -192,13 +199,14 @@ def preprocessor_config(config: Config) -> dict:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     v, d = config.model.vision, config.data.resolution
+    mean, std = image_normalisation(v)
     processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": d.min_pixels, "longest_edge": d.max_pixels},
         patch_size=v.patch_size,
         temporal_patch_size=v.temporal_patch_size,
         merge_size=v.spatial_merge_size,
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
+        image_mean=list(mean),
+        image_std=list(std),
     )
     data = processor.to_dict()
     # Readers from transformers 4.x look for these instead of "size".

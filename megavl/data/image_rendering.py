@@ -18,7 +18,7 @@ from PIL import Image
 from megavl.config import VisionConfig
 from megavl.data.batch import ImagePatches
 from megavl.data.image_patches import image_to_patches
-from megavl.data.images import IMAGE_MEAN, IMAGE_STD, ImageDecodeError, open_image_header
+from megavl.data.images import ImageDecodeError, open_image_header
 from megavl.data.resolution import ImagePlan
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # DataConfig.max_image_pixels' default
@@ -84,19 +84,18 @@ def has_thumbnail(plan: ImagePlan) -> bool:
 
 
 @lru_cache(maxsize=8)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGE_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=device).view(3, 1, 1)
-    return mean, std
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
 
 
-def _normalise(hwc: torch.Tensor) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W], (x/255 - mean) / std.
+def _normalise(hwc: torch.Tensor, plan: ImagePlan) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W], (x/255 - mean) / std with the plan's statistics.
 
     The operations and their order are image_to_model_input's, so the
     results agree bit for bit.
     """
-    mean, std = _mean_std(hwc.device)
+    mean, std = _mean_std(tuple(plan.mean), tuple(plan.std), hwc.device)
     pixels = hwc.permute(2, 0, 1).float().div_(255.0)
     return (pixels - mean) / std
 
@@ -105,7 +104,7 @@ def compose(resized: torch.Tensor, thumbnail: Optional[torch.Tensor], plan: Imag
     """Resized (and thumbnail) uint8 HWC pixels -> the plan's normalised parts."""
     if tuple(resized.shape[:2]) != tuple(plan.resize_to):
         raise RuntimeError(f"resized image is {tuple(resized.shape[:2])}, the plan wants {plan.resize_to}")
-    image = _normalise(resized)
+    image = _normalise(resized, plan)
     if tuple(plan.canvas) == tuple(plan.resize_to):
         canvas = image
     else:
@@ -115,7 +114,7 @@ def compose(resized: torch.Tensor, thumbnail: Optional[torch.Tensor], plan: Imag
     parts = []
     for part in plan.parts:
         if part.box is None:
-            parts.append((part.tag, _normalise(thumbnail)))
+            parts.append((part.tag, _normalise(thumbnail, plan)))
         else:
             top, left, height, width = part.box
             parts.append((part.tag, canvas[:, top : top + height, left : left + width].contiguous()))

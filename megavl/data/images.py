@@ -11,12 +11,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from megavl.config import Config
+from megavl.config.towers import image_normalisation
 from megavl.data.batch import ImagePatches
 from megavl.data.image_patches import image_to_patches
 
-# CLIP statistics, which Qwen2-VL's vision tower was trained with.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 MAX_ASPECT_RATIO = 200
 
@@ -143,8 +141,7 @@ def image_to_model_input(image: Image.Image, config: Config) -> ImagePatches:
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     pixels = pixels.float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    pixels = (pixels - mean) / std
+    mean, std = image_normalisation(v)
+    pixels = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     values, grid = image_to_patches(pixels, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
     return ImagePatches(values, grid)

@@ -31,6 +31,7 @@ from typing import Mapping, Optional, Union
 import torch
 
 from megavl.config import Config, ResolutionConfig
+from megavl.config.towers import image_normalisation
 from megavl.data.batch import ImagePatches, Sample
 from megavl.data.conversation import SampleEncoder, count_image_placeholders
 from megavl.data.image_rendering import ImageBackend, ImageBatchError, peek_size, to_patches
@@ -82,6 +83,7 @@ class RecordDecoder:
         self.encoder = SampleEncoder(tokenizer, config, seed)
         v = config.model.vision
         self.factor = v.patch_size * v.spatial_merge_size
+        self.mean, self.std = image_normalisation(v)
 
     def plan(
         self,
@@ -178,7 +180,8 @@ class RecordDecoder:
                     max_pixels: Optional[int]) -> tuple[bytes, ImagePlan]:
         try:
             height, width = peek_size(data, self.config.data.max_image_pixels)
-            return data, plan_image(height, width, policy, self.factor, max_pixels)
+            plan = plan_image(height, width, policy, self.factor, max_pixels)
+            return data, dataclasses.replace(plan, mean=self.mean, std=self.std)
         except ValueError as e:  # ImageDecodeError included
             raise RecordSkip("bad_image", f"img{index}: {e}") from None
 

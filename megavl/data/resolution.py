@@ -22,6 +22,7 @@ from fractions import Fraction
 from typing import Optional
 
 from megavl.config import FIXED_FITS, RESOLUTION_MODES, MaxPixelScheduleConfig, ResolutionConfig
+from megavl.config.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class ImagePlan:
     # Crops of the canvas, in reading order, then the thumbnail (if any).
     parts: list[ImagePart] = field(default_factory=list)
     thumbnail_size: Optional[tuple[int, int]] = None
+    # Per-channel pixel statistics the parts are normalised with (the tower's, set by the
+    # record decoder from model.vision).
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
 
 
 TILE_GLOBAL_TAG = "<tile_global>"
