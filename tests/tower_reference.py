@@ -108,24 +108,15 @@ def hf_features(kind: str, hf_model, image: torch.Tensor) -> torch.Tensor:
 
 def megavl_features(tower, config, pictures: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each image's features, reordered from megavl's merge-block order to row-major."""
+    from megavl.convert.vision_towers import row_major_features
     from megavl.data.image_patches import image_to_patches
-    from megavl.models.vision import patch_coordinates
 
     v = config.model.vision
     patches, grids = zip(*(image_to_patches(p, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
                            for p in pictures))
-    grid = torch.tensor(grids)
     with torch.no_grad():
-        out = tower(torch.cat(patches), grid)
-    coords = patch_coordinates(grid, v.spatial_merge_size)
-    features, start = [], 0
-    for t, h, w in grids:
-        n = t * h * w
-        row_major = torch.empty_like(out[start:start + n])
-        row_major[coords[start:start + n, 2] * w + coords[start:start + n, 3]] = out[start:start + n]
-        features.append(row_major)
-        start += n
-    return features
+        out = tower(torch.cat(patches), torch.tensor(grids))
+    return row_major_features(out, grids, v.spatial_merge_size)
 
 
 def max_errors(kind: str, tensor_parallel: int) -> list[float]:

@@ -36,6 +36,8 @@ class ImportResult:
     num_parameters: int
     notes: list[str] = field(default_factory=list)
     verification: Optional[VerifyResult] = None
+    # A composed import's record of its parts (megavl.convert.composed.Composition).
+    composition: Optional[object] = None
 
 
 def with_layout(config: Config, tensor: int, pipeline: int) -> Config:
@@ -78,7 +80,8 @@ def write_converted_checkpoint(
     config: Config, table: MappingTable, checkpoint, where: str, out_dir: str, header: list[str]
 ) -> int:
     """Builds the megavl model, streams the mapped HF tensors into it, and writes the
-    weights and the commented YAML config to out_dir. Returns the number of tensors."""
+    weights and the YAML config, under the comment lines of header, to out_dir. Returns the
+    number of tensors."""
     from megavl.training.checkpoint import save_model_weights
 
     model = build_single_process_model(config)
@@ -93,7 +96,6 @@ def write_converted_checkpoint(
     with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         for line in header:
             f.write(f"# {line}\n")
-        f.write(f"# model.lm.image_attention is {config.model.lm.image_attention} to reproduce the Hugging Face model.\n")
         f.write(dump_config(config))
     written = len(megavl)
     del model, megavl
@@ -136,7 +138,8 @@ def import_from_hf(
 
     written = write_converted_checkpoint(
         config, arch.table(config), checkpoint, hf_sources.describe(sources), out_dir,
-        header=hf_sources.provenance(sources),
+        header=hf_sources.provenance(sources) + [
+            f"model.lm.image_attention is {config.model.lm.image_attention} to reproduce the Hugging Face model."],
     )
     hf_sources.keep_configs(sources, out_dir)
     log(f"import: wrote {written} tensors to {out_dir} (layout-free; intended TP={tensor} PP={pipeline}) "

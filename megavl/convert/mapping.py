@@ -295,6 +295,24 @@ class MegavlOnly(Mapping):
         return []
 
 
+class Fresh(Mapping):
+    """Every megavl tensor under a prefix that starts from the model's own initial values (a
+    projector created by a composed import): nothing is read, and nothing is exported."""
+
+    def __init__(self, prefix: str):
+        super().__init__(prefix)
+        self.prefix = prefix
+
+    def match(self, name: str):
+        return () if name.startswith(self.prefix) else None
+
+    def convert_to_megavl(self, hf):
+        return []
+
+    def convert_to_hf(self, megavl):
+        return []
+
+
 @dataclass
 class MappingTable:
     """The mappings of one architecture, plus Hugging Face tensors that may be

@@ -51,6 +51,9 @@ class PairVerifyResult:
     vision_max_abs_diff: Optional[float]
     tolerance: float
     image_grids: list
+    # What the image check compared: the tower and adapter (a pairing), or the tower alone (a composed
+    # import, whose projector is new).
+    vision_label: str = "vision tower + adapter"
 
     def input(self, name: str) -> InputCheck:
         return find_input(self.text, name)
@@ -73,7 +76,7 @@ class PairVerifyResult:
         lines += [f"  {check.describe(label='LM, ')}" for check in self.text]
         if self.vision_max_abs_diff is not None:
             lines.append(
-                f"  vision tower + adapter {'OK' if self.vision_ok else 'FAILED'}: max |embedding diff| = "
+                f"  {self.vision_label} {'OK' if self.vision_ok else 'FAILED'}: max |embedding diff| = "
                 f"{self.vision_max_abs_diff:.3e} on images {self.image_grids} (t,h,w patches)"
             )
         return "\n".join(lines)

@@ -96,3 +96,22 @@ def vision_config_from_hf(hf_vision_config, kind: str, post_norm: bool, merge: i
         post_norm=post_norm,
         full_attention_layers=[],
     )
+
+
+def row_major_features(features, grids, merge: int):
+    """A tower's output [patches of all images, hidden], in megavl's merge-block patch order, as one
+    [rows * cols, hidden] tensor per image in row-major order (how Hugging Face's towers emit them)."""
+    import torch
+
+    from megavl.models.vision import patch_coordinates
+
+    grid = torch.tensor([list(g) for g in grids])
+    coords = patch_coordinates(grid, merge)
+    out, start = [], 0
+    for t, h, w in grid.tolist():
+        n = t * h * w
+        rows = torch.empty_like(features[start:start + n])
+        rows[coords[start:start + n, 2] * w + coords[start:start + n, 3]] = features[start:start + n]
+        out.append(rows)
+        start += n
+    return out

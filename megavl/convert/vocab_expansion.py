@@ -94,7 +94,7 @@ def _check_options(tokens: Sequence[str], init: str, init_std: float, vocab_mult
         raise ConversionError("\n".join(problems))
 
 
-def _add_tokens(tokenizer, tokens: Sequence[str], where: str) -> tuple[dict[str, list[int]], dict[str, int]]:
+def add_tokens(tokenizer, tokens: Sequence[str], where: str) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Adds tokens as special tokens; returns each token's pieces under the old tokenizer and its new id."""
     vocab = tokenizer.get_vocab()
     present = [f"{t} (id {vocab[t]})" for t in tokens if t in vocab]
@@ -112,7 +112,7 @@ def _add_tokens(tokenizer, tokens: Sequence[str], where: str) -> tuple[dict[str,
     return pieces, ids
 
 
-def _new_rows(old: torch.Tensor, init: str, pieces: list[list[int]], old_tokens: int, std: float,
+def new_rows(old: torch.Tensor, init: str, pieces: list[list[int]], old_tokens: int, std: float,
               generator: torch.Generator) -> torch.Tensor:
     """The initial rows of the new tokens, one per entry of pieces, from the old table `old`."""
     if init == "mean":
@@ -162,7 +162,7 @@ def expand_vocab(
     check_new_folder(out_dir, "--out")
     tokenizer = load_tokenizer_for(tokenizer_dir, config)
     old_tokens = len(tokenizer)
-    pieces, ids = _add_tokens(tokenizer, tokens, tokenizer_dir)
+    pieces, ids = add_tokens(tokenizer, tokens, tokenizer_dir)
 
     lm = config.model.lm
     old_vocab = lm.vocab_size
@@ -192,7 +192,7 @@ def expand_vocab(
             continue
         target.zero_()  # rows added beyond the tokenizer stay zero
         target[:old_vocab].copy_(source)
-        target[new_ids] = _new_rows(source, init, list(pieces.values()), old_tokens, init_std, generator)
+        target[new_ids] = new_rows(source, init, list(pieces.values()), old_tokens, init_std, generator)
         grown.append(name)
     del old_model, old_tensors
     gc.collect()

@@ -1,0 +1,218 @@
+"""The two halves of a composed import: a vision tower and a text-only language model.
+
+A composed VLM is a pretrained vision encoder from one Hugging Face folder, a fresh projector
+and a pretrained causal LM from another (megavl.convert.composed runs the import). Each side
+here knows the folders it reads (by config.json's model_type), how its config becomes
+megavl's, which tensors it maps and which it leaves, and the Hugging Face model its outputs
+are compared with.
+
+Vision sides: SigLIP and CLIP, from a vision-model folder (SiglipVisionModel,
+CLIPVisionModel) or a whole image-text model (SiglipModel, CLIPModel, whose text tower is
+ignored). LM sides: Qwen2 / Qwen2.5, Qwen3 (dense), Llama (Llama 3, SmolLM2) and Qwen3-MoE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megavl.config import LMConfig, VisionConfig
+from megavl.convert import qwen3_moe, qwen_lm
+from megavl.convert.errors import ConversionError
+from megavl.convert.mapping import Mapping
+from megavl.convert.vision_towers import tower_mappings, vision_config_from_hf
+
+
+# ---------------------------------------------------------------------------
+# Vision towers
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisionSide:
+    kind: str  # model.vision.kind
+    vision_model_type: str  # config.json model_type of the vision model alone
+    full_model_type: str  # ... of the image-text model holding it as vision_config
+    config_class: str  # transformers' vision config class
+    model_class: str  # transformers' vision model class (loads either folder)
+    # The layer whose output the projector reads by default: SigLIP's last (after its
+    # post_layernorm, as SiQ-VL and Idefics3 read it), CLIP's second to last (LLaVA's).
+    default_feature_layer: int
+
+    def hf_vision_config(self, data: dict, where: str):
+        import transformers
+
+        vision = data.get("vision_config") if data.get("model_type") == self.full_model_type else data
+        if not isinstance(vision, dict):
+            raise ConversionError(f"{where}: model_type {self.full_model_type} without a vision_config")
+        try:
+            return getattr(transformers, self.config_class).from_dict(vision)
+        except Exception as e:  # transformers' own validation, whatever it raises
+            raise ConversionError(f"{where}: transformers rejects its vision config: {e}") from e
+
+    def feature_layers(self, hf_vision, feature_layer: Optional[int]) -> tuple[int, bool]:
+        """(layers megavl keeps, whether the tower's final LayerNorm applies) for a feature layer
+        counted like Hugging Face's hidden_states (-1 the last layer, -2 the one before, or 1..N).
+
+        The final norm applies only to SigLIP's last layer: that is last_hidden_state, which
+        SiQ-VL and Idefics3 project; LLaVA reads CLIP's hidden_states, which have no final norm.
+        """
+        total = hf_vision.num_hidden_layers
+        layer = self.default_feature_layer if feature_layer is None else feature_layer
+        keep = total + 1 + layer if layer < 0 else layer
+        if not 1 <= keep <= total:
+            raise ConversionError(
+                f"--vision-layer {layer}: the tower has {total} layers; give -{total}..-1 (counted from the "
+                f"last) or 1..{total}"
+            )
+        return keep, self.kind == "siglip" and keep == total
+
+    def vision_config(self, hf_vision, feature_layer: Optional[int], merge: int) -> VisionConfig:
+        keep, post_norm = self.feature_layers(hf_vision, feature_layer)
+        return vision_config_from_hf(hf_vision, self.kind, post_norm=post_norm, merge=merge, num_layers=keep)
+
+    def mappings(self, vision: VisionConfig, prefix: str) -> list[Mapping]:
+        return tower_mappings(vision, prefix)
+
+    def unused_tensors(self, names: Sequence[str], vision: VisionConfig, prefix: str) -> list[str]:
+        """The folder's tower tensors megavl's tower does not hold: layers after the feature layer,
+        the final norm when it does not apply, SigLIP's pooling head, stored position ids."""
+        layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
+        unused = []
+        for name in names:
+            rest = name[len(prefix):]
+            m = layer.match(name)
+            if (m and int(m.group(1)) >= vision.num_layers) or rest.startswith("head.") \
+                    or (rest.startswith("post_layernorm.") and not vision.post_norm) \
+                    or rest == "embeddings.position_ids":
+                unused.append(name)
+        return unused
+
+    def load_reference(self, folder: str):
+        import transformers
+
+        model = getattr(transformers, self.model_class).from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True)
+        return model.eval()
+
+    @torch.no_grad()
+    def reference_features(self, model, image: torch.Tensor, vision: VisionConfig) -> torch.Tensor:
+        """[rows * cols, hidden] features of one [3, H, W] image from the Hugging Face tower, row-major,
+        at the layer megavl's tower ends with."""
+        out = model(pixel_values=image[None], output_hidden_states=True, interpolate_pos_encoding=True)
+        if vision.post_norm:
+            return out.last_hidden_state[0].float()
+        features = out.hidden_states[vision.num_layers][0]  # hidden_states[0] is the embeddings
+        return features[1:].float() if self.kind == "clip" else features.float()  # CLIP's class token
+
+
+VISION_SIDES = {
+    side.vision_model_type: side
+    for side in (
+        VisionSide("siglip", "siglip_vision_model", "siglip", "SiglipVisionConfig", "SiglipVisionModel", -1),
+        VisionSide("clip", "clip_vision_model", "clip", "CLIPVisionConfig", "CLIPVisionModel", -2),
+    )
+}
+
+
+def vision_side_for(data: dict, where: str) -> VisionSide:
+    model_type = data.get("model_type")
+    for side in VISION_SIDES.values():
+        if model_type in (side.vision_model_type, side.full_model_type):
+            return side
+    valid = sorted(t for s in VISION_SIDES.values() for t in (s.vision_model_type, s.full_model_type))
+    raise ConversionError(
+        f"{where}: model_type = {model_type!r} is not a vision tower a composed import reads "
+        f"(valid: {', '.join(valid)})"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Language models
+# ---------------------------------------------------------------------------
+
+
+def _no_biases(hf, problems: list[str], *fields: str) -> None:
+    for name in fields:
+        if getattr(hf, name, False):
+            problems.append(f"{name} = true: megavl's LM has no biases there (valid: false)")
+
+
+def _qwen2(hf, problems: list[str]) -> dict:
+    return dict(qkv_bias=True, qk_layernorm=False, rope=qwen_lm.check_text_config(hf, "", ("default",), problems))
+
+
+def _qwen3(hf, problems: list[str]) -> dict:
+    _no_biases(hf, problems, "attention_bias")
+    return dict(qkv_bias=False, qk_layernorm=True, rope=qwen_lm.check_text_config(hf, "", ("default",), problems))
+
+
+def _llama(hf, problems: list[str]) -> dict:
+    _no_biases(hf, problems, "attention_bias", "mlp_bias")
+    if getattr(hf, "pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp = {hf.pretraining_tp}: megavl reproduces pretraining_tp = 1 only")
+    # Llama 3.1+'s "llama3" frequency scaling is not megavl's RoPE; Llama 3 and SmolLM2 use default.
+    return dict(qkv_bias=False, qk_layernorm=False, rope=qwen_lm.check_text_config(hf, "", ("default",), problems))
+
+
+@dataclass(frozen=True)
+class LMSide:
+    architecture: str  # config.json's "architectures" name
+    model_type: str
+    config_class: str
+    fields: Any  # (hf config, problems) -> the LMConfig fields of this family
+
+    def lm_config(self, hf, problems: list[str]) -> LMConfig:
+        """The LM megavl builds for hf (its image token id is set by the import)."""
+        if self.model_type == qwen3_moe.MODEL_TYPE:
+            # The MoE translation checks the image token against the vocabulary; the composed
+            # import adds its own tokens, so id 0 stands in until then.
+            return qwen3_moe.lm_config(hf, 0, problems)
+        family = self.fields(hf, problems)
+        rope = family.pop("rope")
+        return dataclasses.replace(
+            LMConfig(),
+            **qwen_lm.lm_fields_from_hf(hf, rope, bool(hf.tie_word_embeddings), image_token_id=0),
+            **family,
+            rope="1d",
+        )
+
+    def hf_config(self, data: dict, where: str):
+        import transformers
+
+        try:
+            return getattr(transformers, self.config_class).from_dict(data)
+        except Exception as e:  # transformers' own validation, whatever it raises
+            raise ConversionError(f"{where}: transformers rejects it: {e}") from e
+
+    def load_reference(self, folder: str):
+        import transformers
+
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, local_files_only=True).eval()
+
+
+LM_SIDES = {
+    side.architecture: side
+    for side in (
+        LMSide("Qwen2ForCausalLM", "qwen2", "Qwen2Config", _qwen2),
+        LMSide("Qwen3ForCausalLM", "qwen3", "Qwen3Config", _qwen3),
+        LMSide("LlamaForCausalLM", "llama", "LlamaConfig", _llama),
+        LMSide(qwen3_moe.NAME, qwen3_moe.MODEL_TYPE, "Qwen3MoeConfig", None),
+    )
+}
+
+
+def lm_side_for(data: dict, where: str) -> LMSide:
+    found = data.get("architectures") or []
+    for name in [found] if isinstance(found, str) else found:
+        if name in LM_SIDES:
+            return LM_SIDES[name]
+    raise ConversionError(
+        f"{where}: architectures = {found} is not a text language model a composed import reads "
+        f"(valid: {', '.join(LM_SIDES)})"
+    )
