@@ -125,6 +125,7 @@ def test_each_side_reproduces_its_hugging_face_model(composed, case):
     assert check.text_max_abs_diff <= TOLERANCE and check.vision_max_abs_diff <= TOLERANCE, check.describe()
     assert [c.name for c in check.text] == ["one document", "packed row"]
     assert "vision tower (before the new projector) OK" in check.describe()
+    assert f"positions match {result.architecture.split(' + ')[-1]}'s 0, 1, ..." in check.describe()
     vision_kind, _, lm_kind, tie, adapter, _, _ = CASES[case]
     config = result.config
     assert (config.model.vision.kind, config.model.adapter.kind) == (vision_kind, adapter)

@@ -315,7 +315,7 @@ def verify_composed(vision_side: VisionSide, vision_dir: str, lm_side: LMSide, l
     from megavl.convert.megavl_model import single_process_config
     from megavl.convert.vision_towers import row_major_features
     from megavl.convert.verify import compare, load_megavl_for_verification, megavl_logits
-    from megavl.convert.verify_pairing import HF_TEXT_POSITIONS, PairVerifyResult, hf_text_logits, text_inputs
+    from megavl.convert.verify_pairing import PairVerifyResult, hf_text_logits, text_inputs
     from megavl.data.image_patches import image_to_patches
 
     fp32 = single_process_config(config, dtype="fp32")
@@ -342,7 +342,8 @@ def verify_composed(vision_side: VisionSide, vision_dir: str, lm_side: LMSide, l
         hf_positions = [torch.arange(b["tokens"].shape[1]).view(1, 1, -1) for b in batches]
         theirs = [hf_text_logits(lm, b)[..., :lm_tokens] for b in batches]
         text_checks.append(compare(text_input, ours, theirs, tolerance,
-                                   row["position_ids"][:1], hf_positions, HF_TEXT_POSITIONS))
+                                   row["position_ids"][:1], hf_positions,
+                                   ("positions", f"{lm_side.architecture}'s 0, 1, ...")))
     del lm
     gc.collect()
     tower = vision_side.load_reference(vision_dir)
