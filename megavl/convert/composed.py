@@ -165,6 +165,8 @@ class ComposedTensors:
 def compose_config(vision_side: VisionSide, hf_vision, lm_side: LMSide, hf_lm, adapter: AdapterConfig,
                    factor: int, vision_layer: Optional[int], tokenizer, new_vocab: int,
                    preprocessor: Optional[dict]) -> tuple[Config, list[str]]:
+    """The composed model's Config and notes for the user; raises ConversionError listing what megavl
+    cannot reproduce of either side."""
     problems: list[str] = []
     config = Config()
     config.model.vision = vision_side.vision_config(hf_vision, vision_layer, factor)
