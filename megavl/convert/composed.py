@@ -316,8 +316,8 @@ def verify_composed(vision_side: VisionSide, vision_dir: str, lm_side: LMSide, l
     one at a time."""
     from megavl.convert.megavl_model import single_process_config
     from megavl.convert.vision_towers import row_major_features
-    from megavl.convert.verify import compare, load_megavl_for_verification, megavl_logits
-    from megavl.convert.verify_pairing import PairVerifyResult, hf_text_logits, text_inputs
+    from megavl.convert.verify import load_megavl_for_verification, megavl_logits
+    from megavl.convert.verify_pairing import PairVerifyResult, check_text, text_inputs
     from megavl.data.image_patches import image_to_patches
 
     fp32 = single_process_config(config, dtype="fp32")
@@ -330,7 +330,7 @@ def verify_composed(vision_side: VisionSide, vision_dir: str, lm_side: LMSide, l
     patches, grids = zip(*(image_to_patches(p, v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
                            for p in pictures))
     model = load_megavl_for_verification(fp32, megavl_dir)
-    ours_text = [megavl_logits(model, fp32, row)[..., :lm_tokens] for row in rows]
+    ours_text = [megavl_logits(model, fp32, row) for row in rows]
     model.eval()
     ours_images = row_major_features(model.vision(torch.cat(patches), torch.tensor(grids)).float(), grids,
                                      v.spatial_merge_size)
@@ -338,14 +338,8 @@ def verify_composed(vision_side: VisionSide, vision_dir: str, lm_side: LMSide, l
     gc.collect()
 
     lm = lm_side.load_reference(lm_dir)
-    text_checks = []
-    for text_input, row, ours in zip(inputs, rows, ours_text):
-        batches = text_input.document_batches(fp32)
-        hf_positions = [torch.arange(b["tokens"].shape[1]).view(1, 1, -1) for b in batches]
-        theirs = [hf_text_logits(lm, b)[..., :lm_tokens] for b in batches]
-        text_checks.append(compare(text_input, ours, theirs, tolerance,
-                                   row["position_ids"][:1], hf_positions,
-                                   ("positions", f"{lm_side.architecture}'s 0, 1, ...")))
+    text_checks = check_text(lm, inputs, rows, ours_text, fp32, tolerance,
+                             ("positions", f"{lm_side.architecture}'s 0, 1, ..."), columns=lm_tokens)
     del lm
     gc.collect()
     tower = vision_side.load_reference(vision_dir)

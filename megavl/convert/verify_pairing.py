@@ -125,6 +125,24 @@ def hf_image_embeddings(hf_vl_model, pixel_values: torch.Tensor, grid_thw: torch
     return hf_vl_model.model.visual(pixel_values, grid_thw=grid_thw).pooler_output.float()
 
 
+def check_text(hf_lm, inputs: list[VerificationInput], rows: list[dict], ours: list[torch.Tensor], config: Config,
+               tolerance: float, positions_compared: tuple[str, str],
+               columns: Optional[int] = None) -> list[InputCheck]:
+    """megavl's logits `ours` on each packed text input (`rows`) against the Hugging Face causal LM's on
+    each of its documents alone; columns: compare the logits of the first `columns` token ids only."""
+    checks = []
+    for text_input, row, logits in zip(inputs, rows, ours):
+        batches = text_input.document_batches(config)
+        # Given no position ids, the LM numbers each input 0, 1, ... (1D RoPE); megavl's row must
+        # restart so at every document. RoPE is relative, so the logits of isolated documents
+        # would not show a row that numbered on across them.
+        hf_positions = [torch.arange(b["tokens"].shape[1]).view(1, 1, -1) for b in batches]
+        theirs = [hf_text_logits(hf_lm, b)[..., :columns] for b in batches]
+        checks.append(compare(text_input, logits[..., :columns], theirs, tolerance, row["position_ids"][:1],
+                              hf_positions, positions_compared))
+    return checks
+
+
 def _max_diff(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
     if ours.shape != theirs.shape:
         raise ValueError(f"{what} shapes differ: megavl {tuple(ours.shape)}, Hugging Face {tuple(theirs.shape)}")
@@ -156,17 +174,7 @@ def verify_pairing(
     gc.collect()
 
     lm = Qwen3MoeForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, local_files_only=True)
-    text_checks = []
-    for text_input, row, ours in zip(inputs, rows, ours_text):
-        batches = text_input.document_batches(fp32)
-        # Given no position ids, the LM numbers each input 0, 1, ... (1D RoPE); megavl's row must
-        # restart so at every document. RoPE is relative, so the logits of isolated documents
-        # would not show a row that numbered on across them.
-        hf_positions = [torch.arange(b["tokens"].shape[1]).view(1, 1, -1) for b in batches]
-        text_checks.append(compare(
-            text_input, ours, [hf_text_logits(lm, b) for b in batches], tolerance,
-            row["position_ids"][:1], hf_positions, HF_TEXT_POSITIONS,
-        ))
+    text_checks = check_text(lm, inputs, rows, ours_text, fp32, tolerance, HF_TEXT_POSITIONS)
     del lm
     gc.collect()
     vision_diff = None
