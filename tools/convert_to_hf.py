@@ -1,4 +1,5 @@
-"""Exports a megavl checkpoint as a Hugging Face Qwen2-VL / Qwen2.5-VL folder.
+"""Exports a megavl checkpoint as a Hugging Face folder: Qwen2-VL / Qwen2.5-VL, or for a model
+composed from a SigLIP / CLIP tower and a text LM, LLaVA or Idefics3.
 
     python tools/convert_to_hf.py --load DIR --out HF_FOLDER [--tokenizer PATH] [--max-shard-size 2GB]
 

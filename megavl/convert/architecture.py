@@ -91,10 +91,15 @@ class Architecture(abc.ABC):
         """preprocessor_config.json for the exported folder (None: the model takes no images)."""
         return None
 
-    def processor_config(self) -> Optional[dict]:
+    def processor_config(self, config: Config) -> Optional[dict]:
         """processor_config.json for AutoProcessor, written when the tokenizer is (None: transformers
         finds the processor from the model type)."""
         return None
+
+    def extra_hf_tensors(self, config: Config) -> dict:
+        """Tensors {name: value} the export writes beside the mapped ones: parts of the Hugging Face
+        class that config's outputs do not use, so that it loads without new weights."""
+        return {}
 
     def remote_code_files(self) -> list[str]:
         """Python files the exported folder needs for trust_remote_code=True (none for

@@ -51,12 +51,16 @@ def _imported_config(load_dir: str, arch: Architecture) -> Optional[dict]:
     return base if base and arch.name in (base.get("architectures") or []) else None
 
 
-def _write_shards(table, tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
-    """Maps the tensors and writes them shard by shard; returns the shard paths."""
+def _write_shards(table, tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int,
+                 extra: dict[str, torch.Tensor]) -> list[str]:
+    """Maps the tensors and writes them, then the architecture's extra tensors (which no megavl
+    tensor maps to), shard by shard; returns the shard paths."""
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
     for bound in table.bind(tensors):
         for name, value in zip(bound.hf, bound.to_hf([tensors[n] for n in bound.megavl])):
             writer.add(name, value)
+    for name, value in extra.items():
+        writer.add(name, value)
     return writer.close()
 
 
@@ -115,7 +119,9 @@ def export_to_hf(
     num_parameters = sum(t.numel() for t in tensors.values())
     what = "the LM of " if arch.language_model_only else ""
     log(f"export: {what}{load_dir} as {arch.name}: {num_parameters / 1e6:.1f}M parameters")
-    shards = _write_shards(arch.table(config), tensors, out_dir, max_shard_bytes)
+    dtype = next(iter(tensors.values())).dtype
+    extra = {name: value.to(dtype) for name, value in arch.extra_hf_tensors(config).items()}
+    shards = _write_shards(arch.table(config), tensors, out_dir, max_shard_bytes, extra)
     hf_config.save_pretrained(out_dir)
     written = [f"{len(shards)} safetensors shard(s)", CONFIG_NAME]
     for path in arch.remote_code_files():
@@ -129,7 +135,7 @@ def export_to_hf(
         written.append("the tokenizer")
         generation_config(tok, config).save_pretrained(out_dir)
         written.append("generation_config.json")
-        processor = arch.processor_config() if preprocessor is not None else None
+        processor = arch.processor_config(config) if preprocessor is not None else None
         if processor is not None:
             write_json(os.path.join(out_dir, PROCESSOR_NAME), processor)
             written.append(PROCESSOR_NAME)

@@ -313,6 +313,20 @@ class Fresh(Mapping):
         return []
 
 
+def rehomed(mappings: Sequence[Mapping], old: str, new: str) -> list[Mapping]:
+    """Copies of mappings whose Hugging Face names starting with old start with new instead: the
+    same tensors stored under another prefix (a text LM's ``model.`` inside a VLM's
+    ``language_model.model.``)."""
+    import copy
+
+    moved = []
+    for mapping in mappings:
+        mapping = copy.copy(mapping)
+        mapping.hf = tuple(new + name[len(old):] if name.startswith(old) else name for name in mapping.hf)
+        moved.append(mapping)
+    return moved
+
+
 @dataclass
 class MappingTable:
     """The mappings of one architecture, plus Hugging Face tensors that may be

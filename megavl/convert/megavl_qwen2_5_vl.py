@@ -73,7 +73,7 @@ class MegavlQwen2_5_VL(Qwen2_5_VL):
     def model_class(self):
         return _PackagedModel
 
-    def processor_config(self) -> Optional[dict]:
+    def processor_config(self, config: Config) -> Optional[dict]:
         return {"processor_class": "MegavlProcessor", "auto_map": {"AutoProcessor": "processing_megavl.MegavlProcessor"}}
 
     def remote_code_files(self) -> list[str]:

@@ -7,6 +7,8 @@ from typing import Optional
 from megavl.config import Config
 from megavl.convert.architecture import Architecture
 from megavl.convert.errors import ConversionError, UnsupportedArchitectureError, UnsupportedModelError
+from megavl.convert.idefics3 import Idefics3
+from megavl.convert.llava import Llava
 from megavl.convert.megavl_qwen2_5_vl import MegavlQwen2_5_VL
 from megavl.convert.pairing import Qwen3MoeWithQwen2_5_VLVision
 from megavl.convert.qwen2_5_vl import Qwen2_5_VL
@@ -17,7 +19,7 @@ from megavl.convert.qwen2_vl import Qwen2_VL
 # Language-model-only architectures are tried only for a language-model-only export.
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
-    for arch in (Qwen2_5_VL(), Qwen2_VL(), MegavlQwen2_5_VL(), Qwen3MoeWithQwen2_5_VLVision())
+    for arch in (Qwen2_5_VL(), Qwen2_VL(), MegavlQwen2_5_VL(), Llava(), Idefics3(), Qwen3MoeWithQwen2_5_VLVision())
 }
 
 

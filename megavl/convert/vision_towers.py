@@ -98,6 +98,26 @@ def vision_config_from_hf(hf_vision_config, kind: str, post_norm: bool, merge: i
     )
 
 
+def vision_config_to_hf(vision: VisionConfig) -> dict:
+    """The SiglipVisionConfig / CLIPVisionConfig fields (also Idefics3VisionConfig's) of a siglip /
+    clip tower: vision_config_from_hf's inverse. The layer count is the layers megavl holds, so
+    the features are the last layer's (vision_feature_layer -1 in a VLM's config)."""
+    activation = {megavl: hf for hf, megavl in _ACTIVATIONS.get(vision.kind, {}).items()}.get(vision.mlp)
+    if activation is None:
+        raise ConversionError(f"model.vision.mlp = {vision.mlp}: not the MLP of a {vision.kind} tower")
+    return dict(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.ffn_hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_attention_heads,
+        num_channels=vision.in_channels,
+        patch_size=vision.patch_size,
+        image_size=vision.image_size,
+        layer_norm_eps=vision.norm_eps,
+        hidden_act=activation,
+    )
+
+
 def row_major_features(features, grids, merge: int):
     """A tower's output [patches of all images, hidden], in megavl's merge-block patch order, as one
     [rows * cols, hidden] tensor per image in row-major order (how Hugging Face's towers emit them)."""
