@@ -35,7 +35,9 @@ ROLES = ("system", "user", "assistant")
 def special_token_id(tokenizer, token: str) -> int:
     """The id of a special token, looked up by its text so no id is hard-coded."""
     token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
+    # An unknown token maps to the unk id, unless it is the unk token itself (Qwen2's tokenizer
+    # makes <|endoftext|> its unk token).
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
         raise ValueError(f"tokenizer has no {token} token")
     return token_id
 
