@@ -415,12 +415,32 @@ def problems_for(overrides, world_size=1) -> str:
             ["model.lm.image_positions = sequential: multimodal RoPE", "model.lm.rope = 1d"],
             id="sequential-positions-with-mrope",
         ),
+        pytest.param(
+            ["model.lm.head_dim=25"], 1, ["model.lm.head_dim = 25: must be even for rotary embeddings"],
+            id="odd-head-dim",
+        ),
+        pytest.param(
+            # 24-wide heads have 12 rotary pairs; the default sections give 16.
+            ["model.lm.head_dim=24"], 1, ["model.lm.mrope_section = [4, 6, 6]", "head_dim // 2 = 12",
+                                          "model.lm.head_dim = 24"],
+            id="mrope-sections-follow-head-dim",
+        ),
     ],
 )
 def test_validation_errors(overrides, world_size, fragments):
     message = problems_for(overrides, world_size)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_head_dim_need_not_divide_the_hidden_size():
+    """Heads set apart from the width (Qwen3-0.6B: 16 of 128 on 1024; here 3 of 48 on 128)."""
+    config = load_config(None, ["model.lm.num_attention_heads=3", "model.lm.num_query_groups=1",
+                                "model.lm.head_dim=48", "model.lm.mrope_section=[8,8,8]"])
+    validate(config, 1)
+    from megavl.models.transformer_configs import lm_transformer_config
+
+    assert lm_transformer_config(config).kv_channels == 48
 
 
 def test_multiple_problems_reported_together():

@@ -59,9 +59,10 @@ def lm_config(kind: str, vocab_size: int, tie: bool):
         return transformers.LlamaConfig(**common)
     if kind == "qwen2":
         return transformers.Qwen2Config(**common)
+    # Qwen3's heads are set apart from hidden_size / num_attention_heads (16 here), as in Qwen3-0.6B.
     if kind == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=16)
-    return transformers.Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=40, num_experts=4,
+        return transformers.Qwen3Config(**common, head_dim=24)
+    return transformers.Qwen3MoeConfig(**common, head_dim=24, moe_intermediate_size=40, num_experts=4,
                                        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0])
 
 
@@ -133,6 +134,8 @@ def test_each_side_reproduces_its_hugging_face_model(composed, case):
     assert lm.rope == "1d" and lm.image_positions == "sequential" and lm.image_attention == "causal"
     assert lm.tie_embeddings == tie and lm.qkv_bias == (lm_kind == "qwen2")
     assert lm.qk_layernorm == lm_kind.startswith("qwen3") and (lm.moe.num_experts == 4) == (lm_kind == "qwen3_moe")
+    # Qwen3's 24-wide heads are kept; the others' derived width stays null.
+    assert lm.head_dim == (24 if lm_kind.startswith("qwen3") else None)
 
 
 def test_the_tower_reads_the_feature_layer_and_the_pixel_statistics_of_its_kind(composed):

@@ -63,6 +63,8 @@ CASES = {
     "siglip-align": (SIGLIP_CONFIG, [*SHORT, "train.stage=align"]),
     # CLIP (a class token per image) + LLaVA's MLP on every patch, a norm before it.
     "clip": (CLIP_CONFIG, [*SHORT, "model.adapter.norm=before"]),
+    # Heads wider than hidden_size / num_attention_heads (Qwen3's layout): 4 heads of 48 on a width of 128.
+    "wide-heads": (CLIP_CONFIG, [*SHORT, "model.lm.head_dim=48", "model.lm.qk_layernorm=true"]),
 }
 
 

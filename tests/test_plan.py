@@ -70,7 +70,8 @@ def _cluster(nodes: int, gpus_per_node: int, gpu: str = "h100"):
     ("tiny_cpu.yaml", []),
     ("tiny_moe_cpu.yaml", ["parallel.expert=1"]),
     ("tiny_cpu.yaml", ["model.vision.kind=qwen2_vl", "model.vision.norm=layernorm", "model.vision.mlp=gelu_quick",
-                       "model.lm.tie_embeddings=false", "model.lm.qk_layernorm=true"]),
+                       "model.lm.tie_embeddings=false", "model.lm.qk_layernorm=true", "model.lm.head_dim=48",
+                       "model.lm.mrope_section=[8,8,8]"]),
     ("tiny_siglip_cpu.yaml", []),
     ("tiny_clip_cpu.yaml", ["model.adapter.norm=after", "model.adapter.bias=false"]),
 ], ids=["dense", "moe", "variants", "siglip", "clip"])

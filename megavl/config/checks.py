@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 from megavl.config.errors import report_problems
 from megavl.config.layout import model_parallel_size, pipeline_split
 from megavl.config.loading import build_section, field_types
-from megavl.config.schema import TRAINABLE_PARTS, Config, ResolutionConfig
+from megavl.config.schema import TRAINABLE_PARTS, Config, ResolutionConfig, lm_head_dim
 from megavl.config.towers import TOWERS, tower_problems, tower_traits
 
 
@@ -86,6 +86,21 @@ def _head_dim_checks(c: _Checks, section: str, hidden: int, heads: int, tp: int)
     return head_dim
 
 
+def _explicit_head_dim_checks(c: _Checks, section: str, lm, tp: int) -> Optional[int]:
+    """The checks of an LM whose head width is set apart from its hidden size (model.lm.head_dim)."""
+    ok = c.at_least(f"{section}.hidden_size", lm.hidden_size, 1)
+    ok = c.at_least(f"{section}.num_attention_heads", lm.num_attention_heads, 1) and ok
+    if ok:
+        c.divisible(f"{section}.num_attention_heads", lm.num_attention_heads, "parallel.tensor", tp)
+    if not c.at_least(f"{section}.head_dim", lm.head_dim, 2):
+        return None
+    if not c.require(lm.head_dim % 2 == 0,
+                     f"{section}.head_dim = {lm.head_dim}: must be even for rotary embeddings (or null for "
+                     f"hidden_size / num_attention_heads)"):
+        return None
+    return lm.head_dim if ok else None
+
+
 def _check_vision(c: _Checks, config: Config) -> None:
     v = config.model.vision
     tp = config.parallel.tensor
@@ -149,7 +164,8 @@ def _check_lm(c: _Checks, config: Config) -> None:
     tp = config.parallel.tensor
     s = "model.lm"
     c.at_least(f"{s}.num_layers", m.num_layers, 1)
-    head_dim = _head_dim_checks(c, s, m.hidden_size, m.num_attention_heads, tp)
+    head_dim = (_head_dim_checks(c, s, m.hidden_size, m.num_attention_heads, tp) if m.head_dim is None
+                else _explicit_head_dim_checks(c, s, m, tp))
     if c.at_least(f"{s}.num_query_groups", m.num_query_groups, 1):
         c.divisible(f"{s}.num_query_groups", m.num_query_groups, "parallel.tensor", tp)
         if m.num_attention_heads >= 1:
@@ -172,9 +188,9 @@ def _check_lm(c: _Checks, config: Config) -> None:
             c.require(
                 sum(m.mrope_section) == head_dim // 2,
                 f"{s}.mrope_section = {m.mrope_section}: sums to {sum(m.mrope_section)}, "
-                f"must sum to head_dim // 2 = {head_dim // 2} "
-                f"({s}.hidden_size {m.hidden_size} / num_attention_heads "
-                f"{m.num_attention_heads} = {head_dim})",
+                f"must sum to head_dim // 2 = {head_dim // 2} ("
+                + (f"{s}.head_dim = {head_dim})" if m.head_dim is not None else
+                   f"{s}.hidden_size {m.hidden_size} / num_attention_heads {m.num_attention_heads} = {head_dim})"),
             )
     c.require(
         not (m.rope == "mrope" and m.image_positions == "sequential"),
@@ -542,15 +558,17 @@ def _fp8_gemm_widths(config: Config, tower: str) -> list[tuple]:
          "of linear_proj and linear_fc2", lm.hidden_size, 1),
         ("model.lm.hidden_size", f"{lm.hidden_size}", "the input of linear_proj", lm.hidden_size, tp),
     ]
-    if lm.num_attention_heads >= 1 and lm.hidden_size % lm.num_attention_heads == 0:
-        head_dim = lm.hidden_size // lm.num_attention_heads
+    if lm.num_attention_heads >= 1 and (lm.head_dim or lm.hidden_size % lm.num_attention_heads == 0):
+        head_dim = lm_head_dim(lm)
         widths.append((
             "model.lm.num_query_groups",
             f"{lm.num_query_groups} (with {lm.num_attention_heads} heads of {head_dim})",
             "the output of linear_qkv, (num_attention_heads + 2 * num_query_groups) * head dim,",
             (lm.num_attention_heads + 2 * lm.num_query_groups) * head_dim, tp,
         ))
-        widths[-1] += ("make the head dim (model.lm.hidden_size / num_attention_heads) a multiple of {multiple}",)
+        widths[-1] += ("make the head dim (" + ("model.lm.head_dim" if lm.head_dim else
+                                                "model.lm.hidden_size / num_attention_heads")
+                       + ") a multiple of {multiple}",)
     # Dense MLPs: every layer without experts, or the layers moe.dense_layers keeps dense.
     if moe.num_experts == 0 or moe.dense_layers:
         widths.append(("model.lm.ffn_hidden_size", f"{lm.ffn_hidden_size}", "the input of the dense MLP's "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, get_args
 
 __all__ = [
+    "lm_head_dim",
     "VisionConfig",
     "VisionKind",
     "VISION_KINDS",
@@ -244,6 +245,9 @@ class LMConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int = 2
+    # The width of each attention head (megatron's kv_channels). None: hidden_size /
+    # num_attention_heads. Qwen3 sets it apart (Qwen3-0.6B: 16 heads of 128 on a width of 1024).
+    head_dim: Optional[int] = None
     ffn_hidden_size: int = 344
     vocab_size: int = 2048
     qkv_bias: bool = True
@@ -260,6 +264,11 @@ class LMConfig:
     image_token_id: int = 3
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision_lora: VisionLoRAConfig = field(default_factory=VisionLoRAConfig)
+
+
+def lm_head_dim(lm: "LMConfig") -> int:
+    """The LM's attention head width: model.lm.head_dim, or hidden_size / num_attention_heads."""
+    return lm.head_dim if lm.head_dim is not None else lm.hidden_size // lm.num_attention_heads
 
 
 @dataclass

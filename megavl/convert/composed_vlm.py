@@ -46,11 +46,7 @@ def text_config(config: Config) -> dict:
     lm = config.model.lm
     model_type = text_model_type(config)
     fields = qwen_lm.lm_fields_to_hf(lm, mrope=False)
-    fields.update(
-        model_type=model_type,
-        head_dim=lm.hidden_size // lm.num_attention_heads,  # Qwen3's default (128) is not the derived one
-        tie_word_embeddings=lm.tie_embeddings,
-    )
+    fields.update(model_type=model_type, tie_word_embeddings=lm.tie_embeddings)
     if model_type == "llama":
         del fields["use_sliding_window"]
         fields.update(attention_bias=False, mlp_bias=False)
@@ -88,9 +84,6 @@ def lm_problems(config: Config, architecture: str) -> list[str]:
             "model.lm.qkv_bias = true with qk_layernorm = true: no Hugging Face text LM has both "
             "(Qwen2: biases; Qwen3: q/k norms; Llama: neither)"
         )
-    if lm.hidden_size % lm.num_attention_heads:
-        problems.append(f"model.lm.hidden_size = {lm.hidden_size}: not divisible by num_attention_heads "
-                        f"= {lm.num_attention_heads}")
     return problems
 
 

@@ -91,8 +91,6 @@ def export_problems(config: Config) -> list[str]:
             f"model.lm.moe.shared_expert_ffn_hidden_size = {lm.moe.shared_expert_ffn_hidden_size}: "
             "Qwen3-MoE has no shared expert (valid: null)"
         )
-    if lm.hidden_size % lm.num_attention_heads:
-        problems.append("model.lm.hidden_size must be a multiple of num_attention_heads")
     return problems
 
 
@@ -104,7 +102,6 @@ def hf_config_fields(config: Config, token_ids: dict, base: Optional[dict]) -> d
     moe = lm.moe
     fields = {**qwen_lm.lm_fields_to_hf(lm, mrope=False), **MOE_FIELDS.to_hf(moe)}
     fields.update(
-        head_dim=lm.hidden_size // lm.num_attention_heads,
         tie_word_embeddings=lm.tie_embeddings,
         attention_bias=False,
         # A dense model still needs a valid top k.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from megavl.config import Config, LMConfig
+from megavl.config import Config, LMConfig, lm_head_dim
 from megavl.convert.fields import Field, FieldTable
 from megavl.convert.mapping import QKV, Direct, GatedMLP, Mapping, MegavlOnly, Replicated, SharedLoRAInput
 
@@ -137,12 +137,6 @@ def check_text_config(text, where: str, rope_types: Sequence[str], problems: lis
         problems.append(f"{where}hidden_act = {text.hidden_act!r}: megavl's LM MLP is SwiGLU (silu)")
     if getattr(text, "use_sliding_window", False):
         problems.append(f"{where}use_sliding_window = true: megavl's LM has no sliding-window attention")
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    if head_dim * text.num_attention_heads != text.hidden_size:
-        problems.append(
-            f"{where}head_dim = {head_dim}: megavl's attention needs head_dim * num_attention_heads = hidden_size "
-            f"(valid: {text.hidden_size // text.num_attention_heads})"
-        )
     rope = dict(getattr(text, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in rope_types:
@@ -163,8 +157,13 @@ def lm_fields_from_hf(text, rope: dict, tie_embeddings: bool, image_token_id: in
     fields = LM_FIELDS.from_hf(text)
     # Without num_key_value_heads, every query head has its own key/value head.
     fields["num_query_groups"] = fields["num_query_groups"] or text.num_attention_heads
+    # A head width set apart from hidden_size / num_attention_heads (Qwen3) is kept; the derived
+    # one stays null, so the config reads as the model's.
+    head_dim = getattr(text, "head_dim", None)
+    derived = text.hidden_size // text.num_attention_heads
     return dict(
         fields,
+        head_dim=head_dim if head_dim and head_dim != derived else None,
         rope_theta=float(rope.get("rope_theta", defaults.rope_theta)),
         tie_embeddings=tie_embeddings,
         image_attention="causal",
@@ -184,4 +183,5 @@ def lm_fields_to_hf(lm: LMConfig, mrope: bool) -> dict:
     rope = {"rope_type": "default", "rope_theta": lm.rope_theta}
     if mrope:
         rope["mrope_section"] = list(lm.mrope_section)
-    return dict(LM_FIELDS.to_hf(lm), hidden_act="silu", use_sliding_window=False, rope_parameters=rope)
+    return dict(LM_FIELDS.to_hf(lm), head_dim=lm_head_dim(lm), hidden_act="silu", use_sliding_window=False,
+                rope_parameters=rope)

@@ -179,6 +179,11 @@ def lm_export_problems(config: Config, megavl_features: bool = False) -> list[st
             "cannot express (megavl's remote-code class has them; a model whose adapters are disabled, "
             "enabled: false, is exported without them)"
         )
+    if lm.head_dim is not None and lm.head_dim * lm.num_attention_heads != lm.hidden_size:
+        problems.append(
+            f"model.lm.head_dim = {lm.head_dim}: the Hugging Face LM's heads are hidden_size / num_attention_heads "
+            f"= {lm.hidden_size // lm.num_attention_heads} wide (valid: null)"
+        )
     experts = getattr(getattr(lm, "moe", None), "num_experts", 0)
     if experts:
         problems.append(f"model.lm.moe.num_experts = {experts}: this architecture's LM is dense")

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megavl.config import Config, VisionConfig
+from megavl.config import Config, VisionConfig, lm_head_dim
 from megavl.config.towers import adapter_ffn_hidden_size, tower_traits, windowed_layers
 from megavl.models.inputs import PAD_DOCUMENT_ID, TEXT_IMAGE_ID, Microbatch
 
@@ -263,8 +263,8 @@ def microbatch_flops(batch: Microbatch, config: Config) -> ModelFlops:
     b, s = batch["tokens"].shape
     rows = b * s
     h, heads = lm.hidden_size, lm.num_attention_heads
-    width = heads * (h // heads)
-    qkv_out = width + 2 * lm.num_query_groups * (h // heads)
+    width = heads * lm_head_dim(lm)
+    qkv_out = width + 2 * lm.num_query_groups * lm_head_dim(lm)
     r_attn, r_mlp = lm.vision_lora.attn_rank, lm.vision_lora.mlp_rank
     moe = lm.moe
     pairs = lm_attention_pairs(batch, lm.image_attention == "bidirectional")

@@ -6,15 +6,15 @@ A test checks these formulas against a model that is actually built.
 
 from __future__ import annotations
 
-from megavl.config import Config
+from megavl.config import Config, lm_head_dim
 from megavl.config.towers import adapter_ffn_hidden_size, adapter_norm, position_grid_side, tower_traits
 
 
 def _attention_mlp_layer(
-    hidden: int, heads: int, groups: int, ffn: int, qkv_bias: bool, linear_bias: bool, qk_norm: bool,
+    hidden: int, heads: int, groups: int, head_dim: int, ffn: int, qkv_bias: bool, linear_bias: bool,
+    qk_norm: bool,
 ) -> int:
     """One LM layer with RMSNorms and a gated (SwiGLU) MLP."""
-    head_dim = hidden // heads
     qkv_out = (heads + 2 * groups) * head_dim
     count = 2 * hidden  # input and pre-MLP norms
     count += qkv_out * hidden + (qkv_out if qkv_bias else 0)
@@ -102,7 +102,7 @@ def total_parameter_counts(config: Config) -> dict[str, int]:
     language = lm.vocab_size * lm.hidden_size * (1 if lm.tie_embeddings else 2) + lm.hidden_size
     moe = lm.moe
     h = lm.hidden_size
-    head_dim = h // lm.num_attention_heads
+    head_dim = lm_head_dim(lm)
     qkv_out = (lm.num_attention_heads + 2 * lm.num_query_groups) * head_dim
     r_mlp, r_attn = lm.vision_lora.mlp_rank, lm.vision_lora.attn_rank
     attention_lora = r_attn * (h + qkv_out) + r_attn * (lm.num_attention_heads * head_dim + h)
@@ -114,7 +114,7 @@ def total_parameter_counts(config: Config) -> dict[str, int]:
     for layer in range(lm.num_layers):
         # The dense formula includes one MLP; MoE layers swap it for router + experts.
         language += _attention_mlp_layer(
-            h, lm.num_attention_heads, lm.num_query_groups, lm.ffn_hidden_size,
+            h, lm.num_attention_heads, lm.num_query_groups, head_dim, lm.ffn_hidden_size,
             qkv_bias=lm.qkv_bias, linear_bias=False, qk_norm=lm.qk_layernorm,
         ) + attention_lora
         if moe.num_experts and layer not in moe.dense_layers:

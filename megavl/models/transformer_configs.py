@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megavl.config import Config
+from megavl.config import Config, lm_head_dim
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -55,7 +55,7 @@ def lm_transformer_config(config: Config, fused_kernels: bool = False) -> Transf
         num_attention_heads=lm.num_attention_heads,
         num_query_groups=lm.num_query_groups,
         ffn_hidden_size=lm.ffn_hidden_size,
-        kv_channels=lm.hidden_size // lm.num_attention_heads,
+        kv_channels=lm_head_dim(lm),
         layernorm_epsilon=lm.norm_eps,
         add_bias_linear=False,
         add_qkv_bias=lm.qkv_bias,

@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megavl.config import Config, lm_layers_per_stage
+from megavl.config import Config, lm_head_dim, lm_layers_per_stage
 from megavl.config.towers import adapter_ffn_hidden_size, adapter_norm, tower_traits
 
 # The device the run uses: "cuda" (FlexAttention, the GPU kernels) or "cpu" (dense-mask SDPA).
@@ -152,7 +152,7 @@ def lm_layer_bytes(config: Config, layer: int, device: Device) -> dict[str, floa
     a = activation_bytes_per_element(config)
     x = _lm_shape(config)
     h, tp = lm.hidden_size, p.tensor
-    d = h // lm.num_attention_heads
+    d = lm_head_dim(lm)
     heads, groups = lm.num_attention_heads // tp, lm.num_query_groups // tp
     lora = lm.vision_lora
     ra = lora.attn_rank if lora.enabled else 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megavl.config import Config
+from megavl.config import Config, lm_head_dim
 from megavl.config.towers import windowed_layers
 from megavl.planning.activations import Recompute, vision_budget
 from megavl.planning.hardware import Cluster
@@ -74,7 +74,7 @@ def step_flops(config: Config, recompute: Recompute = "none") -> StepFlops:
     lm, v, t = config.model.lm, config.model.vision, config.train
     params = model_parameters(config)
     tokens = t.global_batch_size * t.seq_length
-    heads_dim = lm.num_attention_heads * (lm.hidden_size // lm.num_attention_heads)
+    heads_dim = lm.num_attention_heads * lm_head_dim(lm)
     forward_attention_per_layer = 2 * t.seq_length**2 * heads_dim * t.global_batch_size  # causal: 4 s^2 nd / 2
     lm_dense = 6 * _lm_matmul_parameters(config) * tokens
     lm_attention = 3 * lm.num_layers * forward_attention_per_layer

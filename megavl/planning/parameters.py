@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megavl.config import Config, lm_layers_per_stage
+from megavl.config import Config, lm_head_dim, lm_layers_per_stage
 from megavl.models.param_count import (
     active_language_model_parameters,
     adapter_parameter_pieces,
@@ -65,7 +65,7 @@ def _lm_layer_groups(config: Config, layer: int) -> list[ParameterGroup]:
     lm, moe = config.model.lm, config.model.lm.moe
     lora = lm.vision_lora
     h, heads, groups_ = lm.hidden_size, lm.num_attention_heads, lm.num_query_groups
-    d = h // heads
+    d = lm_head_dim(lm)
     qkv_out = (heads + 2 * groups_) * d
     ra, rm = lora.attn_rank, lora.mlp_rank
 
