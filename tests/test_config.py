@@ -425,6 +425,11 @@ def problems_for(overrides, world_size=1) -> str:
                                           "model.lm.head_dim = 24"],
             id="mrope-sections-follow-head-dim",
         ),
+        pytest.param(
+            ["model.lm.rope_scaling_factor=8"], 1,
+            ["model.lm.rope_scaling_factor = 8.0: Llama 3's frequency scaling applies to 1-D RoPE", "not mrope"],
+            id="rope-scaling-needs-1d-rope",
+        ),
     ],
 )
 def test_validation_errors(overrides, world_size, fragments):

@@ -48,12 +48,12 @@ def save_vision(kind: str, folder: str, whole_model: bool = False) -> None:
         json.dump({"image_mean": mean, "image_std": std}, f)
 
 
-def lm_config(kind: str, vocab_size: int, tie: bool):
+def lm_config(kind: str, vocab_size: int, tie: bool, rope=None):
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                  rope_parameters=dict(rope_type="default", rope_theta=10000.0), bos_token_id=0, eos_token_id=1,
+                  rope_parameters=rope or dict(rope_type="default", rope_theta=10000.0), bos_token_id=0, eos_token_id=1,
                   pad_token_id=1)
     if kind == "llama":
         return transformers.LlamaConfig(**common)
@@ -66,10 +66,10 @@ def lm_config(kind: str, vocab_size: int, tie: bool):
                                        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0])
 
 
-def save_lm(kind: str, folder: str, tokenizer, vocab_size: int, tie: bool) -> None:
+def save_lm(kind: str, folder: str, tokenizer, vocab_size: int, tie: bool, rope=None) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(lm_config(kind, vocab_size, tie))
+    model = AutoModelForCausalLM.from_config(lm_config(kind, vocab_size, tie, rope))
     randomize(model, seed=5)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -260,8 +260,9 @@ def test_an_lm_megavl_cannot_reproduce_is_refused_with_the_field(megatron_world,
 
     root = composed["siglip+pixel_shuffle+llama"][0]
     data = json.loads((root / "lm" / "config.json").read_text())
+    # Llama 3 scaling with a low-frequency factor megatron-core does not reproduce.
     data["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "low_freq_factor": 2.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192}
     data["mlp_bias"] = True
     lm = tmp_path / "llama31"
@@ -272,8 +273,33 @@ def test_an_lm_megavl_cannot_reproduce_is_refused_with_the_field(megatron_world,
     (lm / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConversionError) as error:
         import_composed(str(root / "vision"), str(lm), "mlp", str(tmp_path / "out"), log=quiet)
-    assert "rope_parameters.rope_type = 'llama3'" in str(error.value)
+    assert "rope_parameters.low_freq_factor = 2.0: megatron-core's Llama 3 scaling fixes it at 1" in str(error.value)
     assert "mlp_bias = true" in str(error.value)
+
+
+def test_llama3_rope_scaling_is_reproduced(megatron_world, tmp_path, composed):
+    """Llama 3.2's scaling (factor 32): the import keeps it and verifies; without it, the same
+    weights no longer match (the check sees the scaled frequencies)."""
+    import dataclasses
+
+    from megavl.convert.composed import import_composed, verify_composed
+    from megavl.convert.composed_sides import LM_SIDES, VISION_SIDES
+
+    root = composed["siglip+pixel_shuffle+llama"][0]
+    tokenizer = plain_tokenizer()
+    save_lm("llama", str(tmp_path / "lm"), tokenizer, len(tokenizer), True,
+            rope=dict(rope_type="llama3", rope_theta=10000.0, factor=32.0, low_freq_factor=1.0,
+                      high_freq_factor=4.0, original_max_position_embeddings=8192))
+    result = import_composed(str(root / "vision"), str(tmp_path / "lm"), "mlp", str(tmp_path / "out"),
+                             vision_layer=-2, verify=True, log=quiet)
+    assert result.config.model.lm.rope_scaling_factor == 32.0
+    assert result.verification.ok, result.verification.describe()
+    unscaled = dataclasses.replace(result.config, model=dataclasses.replace(
+        result.config.model, lm=dataclasses.replace(result.config.model.lm, rope_scaling_factor=None)))
+    check = verify_composed(VISION_SIDES["siglip_vision_model"], str(root / "vision"), LM_SIDES["LlamaForCausalLM"],
+                            str(tmp_path / "lm"), unscaled, str(tmp_path / "out"), len(tokenizer),
+                            set(tokenizer.all_special_ids))
+    assert not check.ok and check.text_max_abs_diff > 10 * TOLERANCE, check.describe()
 
 
 def test_the_composed_model_trains_from_its_checkpoint(composed, data_dir, tmp_path):  # noqa: F811

@@ -29,6 +29,9 @@ CASES = {
     "siglip+pixel_shuffle+llama": ("siglip", None, "llama", True, "pixel_shuffle",
                                    ["factor=2", "norm=none", "bias=false"], False, "Idefics3ForConditionalGeneration"),
 }
+# The Llama LM scales its RoPE as Llama 3.2 does, so the export writes "llama3" rope parameters.
+ROPES = {"siglip+pixel_shuffle+llama": dict(rope_type="llama3", rope_theta=10000.0, factor=32.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0, original_max_position_embeddings=8192)}
 
 
 def _with_random_projector(folder) -> None:
@@ -57,7 +60,7 @@ def exported(megatron_world, tmp_path_factory):
         root = tmp_path_factory.mktemp(name)
         save_vision(vision, str(root / "vision"))
         tokenizer = tiny_tokenizer(CORPUS) if has_tokens else plain_tokenizer()
-        save_lm(lm, str(root / "lm"), tokenizer, len(tokenizer), tie)
+        save_lm(lm, str(root / "lm"), tokenizer, len(tokenizer), tie, rope=ROPES.get(name))
         import_composed(str(root / "vision"), str(root / "lm"), adapter, str(root / "megavl"), adapter_args=args,
                         vision_layer=layer, verify=False, log=quiet)
         _with_random_projector(root / "megavl")
@@ -106,6 +109,9 @@ def test_the_folder_loads_every_weight_and_describes_the_parts(exported, case):
         _check_llava_processor(root / "hf", config)
     else:
         assert data["scale_factor"] == 2 and data["image_token_id"] == config.model.lm.image_token_id
+        rope = data["text_config"]["rope_parameters"]
+        assert config.model.lm.rope_scaling_factor == 32.0
+        assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("llama3", 32.0, 8192)
 
 
 def _check_llava_processor(folder, config) -> None:

@@ -37,9 +37,9 @@ TOWERS = {
     "siglip": (CONFIGS / "tiny_siglip_cpu.yaml", [], TOWER_LAYOUTS),
     "clip": (CONFIGS / "tiny_clip_cpu.yaml", [], TOWER_LAYOUTS),
     # LM heads wider than hidden_size / num_attention_heads (Qwen3's layout: 4 heads of 48 on a
-    # width of 128), under the layouts that split or stage the attention.
-    "wide-heads": (CONFIGS / "tiny_clip_cpu.yaml", ["model.lm.head_dim=48", "model.lm.qk_layernorm=true"],
-                   ("TP2", "PP2")),
+    # width of 128) and Llama 3's RoPE scaling, under the layouts that split or stage the attention.
+    "lm-variants": (CONFIGS / "tiny_clip_cpu.yaml", ["model.lm.head_dim=48", "model.lm.qk_layernorm=true",
+                                                     "model.lm.rope_scaling_factor=8"], ("TP2", "PP2")),
 }
 TOWER_CASES = [(tower, name) for tower, (_, _, layouts) in TOWERS.items() for name in layouts]
 # The gradient norm megatron reduces in fp32 from per-shard norms differs between layouts by up

@@ -198,6 +198,10 @@ def _check_lm(c: _Checks, config: Config) -> None:
         f"height and width; number them sequentially with {s}.rope = 1d, or keep spatial positions",
     )
     c.positive(f"{s}.rope_theta", m.rope_theta)
+    if m.rope_scaling_factor is not None:
+        c.require(m.rope == "1d", f"{s}.rope_scaling_factor = {m.rope_scaling_factor}: Llama 3's frequency scaling "
+                                  f"applies to 1-D RoPE ({s}.rope = 1d), not {m.rope}")
+        c.at_least(f"{s}.rope_scaling_factor", m.rope_scaling_factor, 1.0)
     c.positive(f"{s}.norm_eps", m.norm_eps)
     c.at_least(f"{s}.max_position_embeddings", m.max_position_embeddings, 1)
     if vocab_ok:

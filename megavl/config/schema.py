@@ -256,6 +256,10 @@ class LMConfig:
     # Rotary frequency pairs given to the temporal, height and width axes.
     mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
     rope_theta: float = 1000000.0
+    # Llama 3.x's frequency scaling ("llama3" in Hugging Face) by this factor (8 for Llama 3.1,
+    # 32 for Llama 3.2), with megatron-core's fixed low / high frequency factors 1 and 4 and an
+    # original context of 8192 tokens. None: unscaled. 1-D RoPE only.
+    rope_scaling_factor: Optional[float] = None
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     max_position_embeddings: int = 32768

@@ -155,8 +155,9 @@ def _llama(hf, problems: list[str]) -> dict:
     _no_biases(hf, problems, "attention_bias", "mlp_bias")
     if getattr(hf, "pretraining_tp", 1) != 1:
         problems.append(f"pretraining_tp = {hf.pretraining_tp}: megavl reproduces pretraining_tp = 1 only")
-    # Llama 3.1+'s "llama3" frequency scaling is not megavl's RoPE; Llama 3 and SmolLM2 use default.
-    return dict(qkv_bias=False, qk_layernorm=False, rope=qwen_lm.check_text_config(hf, "", ("default",), problems))
+    # Llama 3 and SmolLM2 use default RoPE, Llama 3.1+ "llama3" frequency scaling.
+    return dict(qkv_bias=False, qk_layernorm=False,
+                rope=qwen_lm.check_text_config(hf, "", ("default", "llama3"), problems))
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,11 @@ def ignorable_hf_tensors(config: Config) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 
 
+# What megatron-core's Llama 3 RoPE scaling fixes (RotaryEmbedding._apply_scaling); only the
+# factor is a model.lm field (rope_scaling_factor).
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}
+
+
 def check_text_config(text, where: str, rope_types: Sequence[str], problems: list[str]) -> dict:
     """What every Qwen text config must satisfy for megavl's LM; where prefixes the field
     names in messages ("text_config." or ""). Returns the config's rope_parameters."""
@@ -138,12 +143,19 @@ def check_text_config(text, where: str, rope_types: Sequence[str], problems: lis
     if getattr(text, "use_sliding_window", False):
         problems.append(f"{where}use_sliding_window = true: megavl's LM has no sliding-window attention")
     rope = dict(getattr(text, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in rope_types:
         problems.append(
-            f"{where}rope_parameters.rope_type = {rope_type!r}: megavl's LM has default RoPE only "
-            f"(valid: {', '.join(repr(t) for t in rope_types)})"
+            f"{where}rope_parameters.rope_type = {rope_type!r}: megavl reproduces "
+            f"{', '.join(repr(t) for t in rope_types)} RoPE for this model"
         )
+    elif rope_type == "llama3":
+        for name, fixed in LLAMA3_FIXED.items():
+            if float(rope.get(name, fixed)) != fixed:
+                problems.append(
+                    f"{where}rope_parameters.{name} = {rope[name]}: megatron-core's Llama 3 scaling fixes it at "
+                    f"{fixed:g} (valid: {fixed:g})"
+                )
     return rope
 
 
@@ -165,6 +177,7 @@ def lm_fields_from_hf(text, rope: dict, tie_embeddings: bool, image_token_id: in
         fields,
         head_dim=head_dim if head_dim and head_dim != derived else None,
         rope_theta=float(rope.get("rope_theta", defaults.rope_theta)),
+        rope_scaling_factor=float(rope["factor"]) if rope.get("rope_type") == "llama3" else None,
         tie_embeddings=tie_embeddings,
         image_attention="causal",
         image_token_id=image_token_id,
@@ -181,6 +194,9 @@ def lm_fields_to_hf(lm: LMConfig, mrope: bool) -> dict:
     """The text config's fields for megavl's LM that every Qwen text config has;
     mrope: its RoPE is multimodal (Qwen2-VL's and Qwen2.5-VL's)."""
     rope = {"rope_type": "default", "rope_theta": lm.rope_theta}
+    if lm.rope_scaling_factor is not None:
+        rope.update(LLAMA3_FIXED, rope_type="llama3", factor=lm.rope_scaling_factor,
+                    original_max_position_embeddings=int(LLAMA3_FIXED["original_max_position_embeddings"]))
     if mrope:
         rope["mrope_section"] = list(lm.mrope_section)
     return dict(LM_FIELDS.to_hf(lm), head_dim=lm_head_dim(lm), hidden_act="silu", use_sliding_window=False,

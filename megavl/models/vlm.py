@@ -69,6 +69,8 @@ class VisionLanguageModel(MegatronModule):
             share_embeddings_and_output_weights=lm.tie_embeddings,
             position_embedding_type="mrope" if lm.rope == "mrope" else "rope",
             rotary_base=lm.rope_theta,
+            rope_scaling=lm.rope_scaling_factor is not None,
+            rope_scaling_factor=lm.rope_scaling_factor or 1.0,
             # Image embeddings are spliced in before the sequence is split for SP.
             scatter_embedding_sequence_parallel=False,
         )
