@@ -16,7 +16,7 @@ import torch
 
 from conftest import NO_TASK_EVAL, tiny_tokenizer
 from trainer_runs import _metrics, _overrides, _train, data_dir  # noqa: F401 (data_dir is a fixture)
-from workers.convert_tiny_models import quiet, randomize, read_all_tensors
+from workers.convert_tiny_models import quiet, randomize, read_all_tensors, save_tiny_model
 
 TOLERANCE = 1e-4
 CORPUS = ["a small picture of three red squares", "how many circles are there", "the answer is 4"]
@@ -24,8 +24,17 @@ CORPUS = ["a small picture of three red squares", "how many circles are there", 
 
 def save_vision(kind: str, folder: str, whole_model: bool = False) -> None:
     """A tiny SigLIP (56 px, 4 x 4 patches) or CLIP (42 px, 3 x 3) tower; whole_model: inside a
-    SiglipModel / CLIPModel with its text tower, as image-text checkpoints ship."""
+    SiglipModel / CLIPModel with its text tower, as image-text checkpoints ship. A Qwen kind is a
+    whole tiny Qwen2-VL / Qwen2.5-VL model (its tower, merger and LM) with Qwen's preprocessor."""
     import transformers
+
+    if kind.startswith("qwen"):
+        save_tiny_model(kind, folder)
+        with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+            json.dump({"size": {"shortest_edge": 3136, "longest_edge": 50176}, "patch_size": 14,
+                       "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                       "image_std": [0.25, 0.25, 0.25]}, f)
+        return
 
     common = dict(hidden_size=48, intermediate_size=80, num_attention_heads=4, patch_size=14)
     if kind == "siglip":
@@ -96,6 +105,10 @@ CASES = {
     "siglip+merge_mlp+qwen3": ("siglip", True, "qwen3", False, "merge_mlp", ["factor=2"], False),
     "clip+pixel_shuffle+qwen3_moe": ("clip", False, "qwen3_moe", False, "pixel_shuffle", ["factor=1", "bias=false"],
                                      True),
+    # The towers of whole Qwen VLMs (window attention in Qwen2.5-VL's), at native resolution.
+    "qwen2_5_vl+merge_mlp+llama": ("qwen2_5_vl", True, "llama", True, "merge_mlp", ["factor=2"], False),
+    "qwen2_vl+pixel_shuffle+qwen3": ("qwen2_vl", True, "qwen3", False, "pixel_shuffle", ["factor=2", "norm=after"],
+                                     True),
 }
 
 
@@ -136,6 +149,41 @@ def test_each_side_reproduces_its_hugging_face_model(composed, case):
     assert lm.qk_layernorm == lm_kind.startswith("qwen3") and (lm.moe.num_experts == 4) == (lm_kind == "qwen3_moe")
     # Qwen3's 24-wide heads are kept; the others' derived width stays null.
     assert lm.head_dim == (24 if lm_kind.startswith("qwen3") else None)
+
+
+def test_a_qwen_tower_keeps_native_resolution_and_leaves_its_merger_and_lm(composed):
+    from megavl.convert.megavl_model import build_single_process_model, model_tensors
+    from megavl.training.checkpoint import load_model_weights
+
+    root, result = composed["qwen2_5_vl+merge_mlp+llama"]
+    config = result.config
+    v, r = config.model.vision, config.data.resolution
+    assert (v.kind, v.num_layers, v.full_attention_layers, v.window_size) == ("qwen2_5_vl", 3, [2], 56)
+    # The preprocessor's pixel limits and statistics.
+    assert (r.mode, r.min_pixels, r.max_pixels) == ("native", 3136, 50176)
+    assert (v.image_mean, v.image_std) == ([0.5] * 3, [0.25] * 3)
+    model = build_single_process_model(config)
+    load_model_weights(model, str(root / "out"))
+    ours = model_tensors(model)
+    hf = read_all_tensors(root / "vision")
+    # The tower is the folder's; the projector is new, not the merger.
+    assert torch.equal(ours["vision.layers.1.self_attention.linear_proj.weight"], hf["model.visual.blocks.1.attn.proj.weight"]
+                       if "model.visual.blocks.1.attn.proj.weight" in hf else hf["visual.blocks.1.attn.proj.weight"])
+    merger = [t for n, t in hf.items() if ".merger." in n]
+    assert not any(t.shape == a.shape and torch.equal(t, a) for t in merger for n, a in ours.items()
+                   if n.startswith("adapter."))
+
+
+def test_a_qwen_tower_refuses_another_merge_factor(composed, tmp_path):
+    from megavl.convert.composed import import_composed
+    from megavl.convert.errors import ConversionError
+
+    root = composed["qwen2_5_vl+merge_mlp+llama"][0]
+    with pytest.raises(ConversionError, match=r"factor=1: the qwen2_5_vl tower orders its patches .* valid: factor=2"):
+        import_composed(str(root / "vision"), str(root / "lm"), "mlp", str(tmp_path / "out"), log=quiet)
+    with pytest.raises(ConversionError, match="--vision-layer -2: a qwen2_5_vl tower is read at its last layer"):
+        import_composed(str(root / "vision"), str(root / "lm"), "merge_mlp", str(tmp_path / "out"),
+                        adapter_args=["factor=2"], vision_layer=-2, log=quiet)
 
 
 def test_the_tower_reads_the_feature_layer_and_the_pixel_statistics_of_its_kind(composed):

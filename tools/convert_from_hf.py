@@ -16,7 +16,9 @@ A VLM composed from a vision tower and a text-only language model, with a new pr
     python tools/convert_from_hf.py --vision SIGLIP_OR_CLIP_DIR --lm LM_DIR --adapter pixel_shuffle \
         --adapter-args factor=3 norm=after --out DIR
 
---vision is a SigLIP or CLIP folder (the vision model alone or the whole image-text model);
+--vision is a SigLIP or CLIP folder (the vision model alone or the whole image-text model), or a
+Qwen2-VL / Qwen2.5-VL folder whose tower (not its merger or LM) is taken, at native resolution
+with --adapter merge_mlp or pixel_shuffle and factor=2;
 --lm a Qwen2 / Qwen2.5, Qwen3, Llama (Llama 3, SmolLM2) or Qwen3-MoE causal LM. --adapter is
 merge_mlp, pixel_shuffle or mlp (LLaVA's); --adapter-args: factor (patches merged per side),
 norm (before | after | none), bias (true | false), ffn_hidden_size. --vision-layer picks the
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--vision-from", help="Qwen2.5-VL folder giving the vision tower and adapter of a language-model-only --hf"
     )
     composed = parser.add_argument_group("a composed model (instead of --hf)")
-    composed.add_argument("--vision", help="SigLIP / CLIP folder: the vision tower")
+    composed.add_argument("--vision", help="SigLIP / CLIP folder, or a Qwen2(.5)-VL folder: the vision tower")
     composed.add_argument("--lm", help="text-only causal LM folder: the language model (and its tokenizer)")
     composed.add_argument("--adapter", choices=("merge_mlp", "pixel_shuffle", "mlp"), help="the new projector")
     composed.add_argument("--adapter-args", nargs="*", default=[], metavar="KEY=VALUE",

@@ -3,7 +3,7 @@
     tools/convert_from_hf.py --vision VISION_DIR --lm LM_DIR --adapter KIND [--adapter-args k=v ...]
                              [--vision-layer N] [--tokenizer DIR] --out CKPT
 
-The tower (SigLIP or CLIP, megavl.convert.composed_sides) and the LM (Qwen2 / Qwen2.5, Qwen3,
+The tower (SigLIP, CLIP, or that of a Qwen2-VL / Qwen2.5-VL folder: megavl.convert.composed_sides) and the LM (Qwen2 / Qwen2.5, Qwen3,
 Llama, Qwen3-MoE) are copied tensor by tensor; the projector starts from megavl's initial
 values. The special tokens megavl's chat format and images need (megavl.data.tokenizer's
 SPECIAL_TOKENS) that the LM's tokenizer lacks are added to it, and the embedding table (and an
@@ -11,8 +11,8 @@ untied output layer) grows to hold them: their rows start at the mean of the old
 rows added beyond the tokenizer (up to the next multiple of --vocab-multiple, which keeps the
 table divisible by tensor-parallel sizes) are zero, and the LM's own rows are unchanged.
 
-Images are fixed squares of the tower's pretrained size (the learned position table's grid),
-numbered like text (model.lm.image_positions = sequential, 1-D RoPE) and attended causally, as
+Images are fixed squares of the tower's pretrained size (the learned position table's grid) for
+SigLIP and CLIP, at their own size (Qwen's min / max pixels) for a Qwen tower, numbered like text (model.lm.image_positions = sequential, 1-D RoPE) and attended causally, as
 LLaVA and Idefics3 do. Each side is verified on its own: the tower's features against the
 Hugging Face vision model, the LM's logits on text against the Hugging Face causal LM.
 
@@ -43,7 +43,7 @@ from megavl.convert.files import CONFIG_NAME
 from megavl.convert.hf_io import SafetensorsCheckpoint, check_new_folder, read_hf_config, read_preprocessor_config
 from megavl.convert.importer import ImportResult, with_layout, write_converted_checkpoint
 from megavl.convert.mapping import Fresh, MappingTable
-from megavl.convert.qwen_vl import apply_normalisation
+from megavl.convert.qwen_vl import apply_normalisation, apply_preprocessor
 from megavl.convert.verify import DEFAULT_TOLERANCE, reserved_token_ids, wants_verification
 from megavl.convert.vocab_expansion import DEFAULT_VOCAB_MULTIPLE, TOKENIZER_DIR, add_tokens, expanded_vocab_size, new_rows
 from megavl.data import tokenizer as tok
@@ -124,12 +124,11 @@ class ComposedTensors:
     prefix, all of the LM's), with the LM's embedding (and output) table grown to the new
     vocabulary: its rows kept, the new tokens' rows the mean of the old tokens' rows."""
 
-    def __init__(self, vision_dir: str, lm_dir: str, new_vocab: int, new_ids: list[int], old_tokens: int):
+    def __init__(self, vision_side: VisionSide, vision_dir: str, lm_dir: str, new_vocab: int, new_ids: list[int],
+                 old_tokens: int):
         vision, lm = SafetensorsCheckpoint(vision_dir), SafetensorsCheckpoint(lm_dir)
         self._readers = {n: lm for n in lm.names()}
-        # A whole image-text model (and older vision-model checkpoints) keeps the tower under
-        # vision_model.; transformers 5 saves a vision model alone without a prefix.
-        self.prefix = "vision_model." if any(n.startswith("vision_model.") for n in vision.names()) else ""
+        self.prefix = vision_side.tower_prefix(vision.names())
         tower = [n for n in vision.names() if n.startswith(self.prefix)]
         clash = [n for n in tower if n in self._readers]
         if clash:
@@ -170,7 +169,10 @@ def compose_config(vision_side: VisionSide, hf_vision, lm_side: LMSide, hf_lm, a
     problems: list[str] = []
     config = Config()
     config.model.vision = vision_side.vision_config(hf_vision, vision_layer, factor)
-    if preprocessor:
+    resolution_notes: list[str] = []
+    if vision_side.native_resolution():
+        apply_preprocessor(config, preprocessor, problems, resolution_notes)
+    elif preprocessor:
         apply_normalisation(config.model.vision, preprocessor)
     config.model.adapter = adapter
     lm = lm_side.lm_config(hf_lm, problems)
@@ -178,7 +180,8 @@ def compose_config(vision_side: VisionSide, hf_vision, lm_side: LMSide, hf_lm, a
         lm, vocab_size=new_vocab, image_token_id=tokenizer.convert_tokens_to_ids(tok.IMAGE_PAD),
         image_positions="sequential", image_attention="causal",
     )
-    _fixed_image_regime(config, hf_vision, problems)
+    if not vision_side.native_resolution():
+        _fixed_image_regime(config, hf_vision, problems)
     config.train.dtype, dtype_note = dtype_name(hf_lm)
     if problems:
         raise ConversionError(
@@ -186,16 +189,24 @@ def compose_config(vision_side: VisionSide, hf_vision, lm_side: LMSide, hf_lm, a
             + "\n".join(f"  - {p}" for p in problems)
         )
     v, r = config.model.vision, config.data.resolution
-    px = int(math.isqrt(r.fixed_tokens)) * v.patch_size * v.spatial_merge_size
+    if vision_side.native_resolution():
+        resolution = (f"data.resolution: native, {r.min_pixels} to {r.max_pixels} pixels per image (the tower's "
+                      "preprocessor)")
+        layers = f"the tower's features are read at its last layer ({v.num_layers}), before its merger"
+    else:
+        px = int(math.isqrt(r.fixed_tokens)) * v.patch_size * v.spatial_merge_size
+        resolution = (f"data.resolution: fixed {px} x {px} px images ({r.fixed_tokens} tokens each, padded to a "
+                      "square), the tower's pretrained grid")
+        layers = (f"the tower's features are read at layer {v.num_layers} of {hf_vision.num_hidden_layers}"
+                  + (" after its final LayerNorm" if v.post_norm else " (no final norm)"))
     notes = [
         f"model.adapter.kind = {adapter.kind} starts fresh (megavl's initial values); train it first "
         "(train.stage = align) with the tower and the LM frozen",
-        f"data.resolution: fixed {px} x {px} px images ({r.fixed_tokens} tokens each, padded to a square), "
-        f"the tower's pretrained grid",
+        resolution,
         "model.lm.image_positions = sequential and image_attention = causal, as LLaVA and Idefics3 number and "
         "attend image tokens; bidirectional image attention is a --set away",
-        f"the tower's features are read at layer {v.num_layers} of {hf_vision.num_hidden_layers}"
-        + (" after its final LayerNorm" if v.post_norm else " (no final norm)"),
+        layers,
+        *resolution_notes,
     ]
     if dtype_note:
         notes.append(dtype_note)
@@ -251,7 +262,7 @@ def import_composed(
     config.data.tokenizer = os.path.abspath(os.path.join(out_dir, TOKENIZER_DIR))
     config = with_layout(config, tensor, pipeline)
 
-    tensors = ComposedTensors(vision_dir, lm_dir, new_vocab, list(added.values()), old_tokens)
+    tensors = ComposedTensors(vision_side, vision_dir, lm_dir, new_vocab, list(added.values()), old_tokens)
     v, prefix = config.model.vision, tensors.prefix
     table = MappingTable(
         vision_side.mappings(v, prefix) + qwen_lm.lm_mappings(config) + [Fresh("adapter.")],
@@ -298,13 +309,19 @@ def import_composed(
 
 
 def verification_images(config: Config) -> list[torch.Tensor]:
-    """Two fixed random [3, H, W] images: the tower's pretrained square, and one a block taller
-    (its position table interpolated)."""
+    """Two fixed random [3, H, W] images: for a fixed-size tower its pretrained square and one a block
+    taller (its position table interpolated); at native resolution one spanning several attention
+    windows and a small wide one."""
     v, r = config.model.vision, config.data.resolution
     unit = v.patch_size * v.spatial_merge_size
-    side = math.isqrt(r.fixed_tokens) * unit
+    if r.mode == "native":
+        window = max(v.window_size, 2 * unit)
+        sizes = ((window + unit, 2 * window), (2 * unit, 3 * unit))
+    else:
+        side = math.isqrt(r.fixed_tokens) * unit
+        sizes = ((side, side), (side + unit, side))
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(3, h, w, generator=generator) for h, w in ((side, side), (side + unit, side))]
+    return [torch.randn(3, h, w, generator=generator) for h, w in sizes]
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ are compared with.
 
 Vision sides: SigLIP and CLIP, from a vision-model folder (SiglipVisionModel,
 CLIPVisionModel) or a whole image-text model (SiglipModel, CLIPModel, whose text tower is
-ignored). LM sides: Qwen2 / Qwen2.5, Qwen3 (dense), Llama (Llama 3, SmolLM2) and Qwen3-MoE.
+ignored); the tower of a whole Qwen2-VL / Qwen2.5-VL folder (its merger and LM are left), which
+keeps native resolution and its own patch order. LM sides: Qwen2 / Qwen2.5, Qwen3 (dense), Llama (Llama 3, SmolLM2) and Qwen3-MoE.
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ class VisionSide:
                 unused.append(name)
         return unused
 
+    def tower_prefix(self, names: Sequence[str]) -> str:
+        """Where the folder's tower tensors are: a whole image-text model (and older vision-model
+        checkpoints) keeps them under vision_model.; transformers 5 saves a vision model alone
+        without a prefix."""
+        return "vision_model." if any(n.startswith("vision_model.") for n in names) else ""
+
+    def native_resolution(self) -> bool:
+        """Whether the tower takes images at their own size (else fixed squares of its position table)."""
+        return False
+
     def load_reference(self, folder: str):
         import transformers
 
@@ -110,11 +121,117 @@ class VisionSide:
         return features[1:].float() if self.kind == "clip" else features.float()  # CLIP's class token
 
 
+@dataclass(frozen=True)
+class QwenVisionSide(VisionSide):
+    """The vision tower of a whole Qwen2-VL / Qwen2.5-VL folder, read at its last layer before the
+    merger (which, like the LM, is left: the projector is new). model_class names the tower's
+    transformers class by its module path under transformers.models."""
+
+    architecture: Any = None  # the QwenVLArchitecture describing the folder
+
+    def hf_vision_config(self, data: dict, where: str):
+        import transformers
+
+        try:
+            return getattr(transformers, self.config_class).from_dict(data).vision_config
+        except Exception as e:  # transformers' own validation, whatever it raises
+            raise ConversionError(f"{where}: transformers rejects it: {e}") from e
+
+    def vision_config(self, hf_vision, feature_layer: Optional[int], merge: int) -> VisionConfig:
+        from megavl.convert.qwen_vl import vision_fields_from_hf
+
+        if feature_layer not in (None, -1, hf_vision.depth):
+            raise ConversionError(f"--vision-layer {feature_layer}: a {self.kind} tower is read at its last layer "
+                                  "(give -1 or leave it out)")
+        side = hf_vision.spatial_merge_size
+        if merge != side:
+            raise ConversionError(
+                f"--adapter-args factor={merge}: the {self.kind} tower orders its patches (and windows) in "
+                f"{side} x {side} blocks (its spatial_merge_size); valid: factor={side} with merge_mlp or pixel_shuffle"
+            )
+        act, mlp = self.architecture.vision_act
+        if hf_vision.hidden_act != act:
+            raise ConversionError(f"vision_config.hidden_act = {hf_vision.hidden_act!r}: megavl's {mlp}")
+        return dataclasses.replace(VisionConfig(), **vision_fields_from_hf(hf_vision),
+                                   **self.architecture.megavl_vision_fields(hf_vision))
+
+    def tower_prefix(self, names: Sequence[str]) -> str:
+        # transformers 4.52-4.5x saved the loaded module tree (model.visual.).
+        return "model.visual." if any(n.startswith("model.visual.") for n in names) else "visual."
+
+    def native_resolution(self) -> bool:
+        return True
+
+    def mappings(self, vision: VisionConfig, prefix: str) -> list[Mapping]:
+        from megavl.config import Config
+        from megavl.convert.mapping import rehomed
+        from megavl.convert.qwen_vl import vision_mappings
+
+        config = Config()
+        config.model.vision = vision
+        arch = self.architecture
+        return rehomed(vision_mappings(config, arch.norm_bias, arch.vision_mlp_mappings()), "visual.", prefix)
+
+    def unused_tensors(self, names: Sequence[str], vision: VisionConfig, prefix: str) -> list[str]:
+        return [name for name in names if name.startswith(prefix + "merger.")]
+
+    def load_reference(self, folder: str):
+        """The tower alone (not the whole VLM), with the folder's tower tensors."""
+        import importlib
+
+        from megavl.convert.hf_io import SafetensorsCheckpoint, read_hf_config
+
+        module, name = self.model_class.rsplit(".", 1)
+        tower_class = getattr(importlib.import_module(f"transformers.models.{module}"), name)
+        tower = tower_class._from_config(self.hf_vision_config(read_hf_config(folder), folder)).float()
+        checkpoint = SafetensorsCheckpoint(folder)
+        prefix = self.tower_prefix(checkpoint.names())
+        state = {n[len(prefix):]: checkpoint.get(n).float() for n in checkpoint.names() if n.startswith(prefix)}
+        missing, unexpected = tower.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConversionError(f"{folder}: the {self.kind} tower's tensors do not match its class "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return tower.eval()
+
+    @torch.no_grad()
+    def reference_features(self, model, image: torch.Tensor, vision: VisionConfig) -> torch.Tensor:
+        """The tower's output before its merger, row-major. Qwen2.5-VL's is in window order, one
+        merge block at a time, which the tower's own window index undoes."""
+        from megavl.convert.vision_towers import row_major_features
+        from megavl.data.image_patches import image_to_patches
+
+        v, merge = vision, vision.spatial_merge_size
+        patches, grid = image_to_patches(image, v.patch_size, v.temporal_patch_size, merge)
+        grid_thw = torch.tensor([list(grid)])
+        features = model(patches, grid_thw=grid_thw).last_hidden_state
+        if self.kind == "qwen2_5_vl":
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=merge,
+                                                      window_size=model.window_size, patch_size=model.patch_size)
+            blocks = features.reshape(-1, merge * merge, features.shape[-1])
+            features = blocks[torch.argsort(window_index)].reshape(-1, features.shape[-1])
+        return row_major_features(features.float(), [grid], merge)[0]
+
+
+def _qwen_sides() -> tuple[VisionSide, ...]:
+    from megavl.convert.qwen2_5_vl import Qwen2_5_VL
+    from megavl.convert.qwen2_vl import Qwen2_VL
+
+    return (
+        QwenVisionSide("qwen2_5_vl", "qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLConfig",
+                       "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel", -1, Qwen2_5_VL()),
+        QwenVisionSide("qwen2_vl", "qwen2_vl", "qwen2_vl", "Qwen2VLConfig",
+                       "qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel", -1, Qwen2_VL()),
+    )
+
+
 VISION_SIDES = {
     side.vision_model_type: side
     for side in (
         VisionSide("siglip", "siglip_vision_model", "siglip", "SiglipVisionConfig", "SiglipVisionModel", -1),
         VisionSide("clip", "clip_vision_model", "clip", "CLIPVisionConfig", "CLIPVisionModel", -2),
+        *_qwen_sides(),
     )
 }
 
