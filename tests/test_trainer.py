@@ -127,6 +127,25 @@ def test_other_towers_and_projectors_learn_through_the_whole_pipeline(data_dir, 
     assert val[-1]["val_loss"] < val[0]["val_loss"]
 
 
+def test_the_tiny_smolvlm_learns_on_tiles_and_exports_to_idefics3(megatron_world, data_dir, tmp_path):
+    """tiny_smolvlm_cpu: the tiling policy (tiles + global view) through SigLIP, pixel shuffle and a
+    Llama-style LM; the trained checkpoint exports to Idefics3ForConditionalGeneration with logits
+    verified."""
+    from megavl.convert import export_to_hf
+
+    run = tmp_path / "smolvlm"
+    config = ROOT / "examples" / "configs" / "tiny_smolvlm_cpu.yaml"
+    _train(1, _overrides(data_dir, run, steps=12, extra=[NO_TASK_EVAL]), config=config)
+    train, val = _metrics(run)
+    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    result = export_to_hf(str(run / "checkpoints"), str(tmp_path / "hf"), tokenizer=f"{data_dir}/tokenizer",
+                          verify=True, log=lambda _: None)
+    assert result.architecture == "Idefics3ForConditionalGeneration"
+    assert result.verification.ok, result.verification.describe()
+
+
 def test_moe_with_expert_parallelism_learns_and_reports_router_metrics(data_dir, tmp_path):
     run = tmp_path / "moe"
     moe_config = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
