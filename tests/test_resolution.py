@@ -170,6 +170,29 @@ def test_fixed_pad_keeps_the_aspect_ratio(height, width, expected):
     assert abs(resized_w - width * scale) <= 0.5 or resized_w == 1
 
 
+@pytest.mark.parametrize("tokens, grid", [(96, (8, 12)), (200, (10, 20)), (12, (3, 4)), (7 * 9, (7, 9))])
+def test_a_count_that_is_not_square_is_the_most_nearly_square_landscape_grid(tokens, grid):
+    rows, cols = grid
+    plan = plan_image(1000, 700, policy(mode="fixed", fixed_tokens=tokens, fixed_fit="resize"), FACTOR)
+    assert plan.canvas == plan.resize_to == (rows * FACTOR, cols * FACTOR)
+    assert vision_token_count(plan, FACTOR) == tokens
+
+
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [
+        (1000, 500, (224, 112)),  # taller than the 224 x 336 canvas: its height fills it
+        (300, 1200, (84, 336)),  # wider: its width fills it
+        (200, 300, (224, 336)),  # the canvas's own aspect
+        (1, 5000, (1, 336)),
+    ],
+)
+def test_a_fixed_grid_pads_inside_its_canvas(height, width, expected):
+    plan = plan_image(height, width, policy(mode="fixed", fixed_tokens=96, fixed_fit="pad"), FACTOR)
+    assert plan.canvas == (224, 336)
+    assert plan.resize_to == expected
+
+
 def test_fixed_ignores_max_pixels():
     p = policy(mode="fixed", fixed_tokens=400)
     assert plan_image(900, 1600, p, FACTOR, max_pixels=784) == plan_image(900, 1600, p, FACTOR)
@@ -268,7 +291,8 @@ def test_every_plan_is_well_formed(mode, size, extra):
     [
         ({"mode": "dynamic"}, "mode = 'dynamic'"),
         ({"mode": "fixed", "fixed_fit": "crop"}, "fixed_fit = 'crop'"),
-        ({"mode": "fixed", "fixed_tokens": 200}, "fixed_tokens = 200"),
+        # 202 = 2 x 101: no grid closer than 50:1.
+        ({"mode": "fixed", "fixed_tokens": 202}, "fixed_tokens = 202: its most nearly square grid is 2 x 101"),
         ({"mode": "fixed", "fixed_tokens": 0}, "fixed_tokens = 0"),
         ({"mode": "tiling", "tile_size": 450}, "tile_size = 450"),
         ({"mode": "tiling", "min_tiles": 5, "max_tiles": 4}, "max_tiles = 4"),

@@ -114,13 +114,18 @@ def test_dry_run_prints_layout_and_parameter_counts():
     assert "parameters           total" in result.stdout
 
 
-@pytest.mark.parametrize("tower", ["siglip", "clip"])
-def test_other_towers_and_projectors_learn_through_the_whole_pipeline(data_dir, tmp_path, tower):
+@pytest.mark.parametrize("tower, extra", [
+    ("siglip", []),
+    ("clip", []),
+    # A fixed regime of 12 tokens, not a square number: every image a 3 x 4 grid.
+    ("clip", ["data.resolution.fixed_tokens=12"]),
+], ids=["siglip", "clip", "clip-3x4-grid"])
+def test_other_towers_and_projectors_learn_through_the_whole_pipeline(data_dir, tmp_path, tower, extra):
     """tiny_siglip_cpu (SigLIP, pixel shuffle, sequential 1-D positions) and tiny_clip_cpu (CLIP,
     LLaVA's MLP): the loader's fixed-size resolution policy, the tower, the projector and the LM."""
     run = tmp_path / tower
     config = ROOT / "examples" / "configs" / f"tiny_{tower}_cpu.yaml"
-    _train(1, _overrides(data_dir, run, steps=12, extra=[NO_TASK_EVAL]), config=config)
+    _train(1, _overrides(data_dir, run, steps=12, extra=[NO_TASK_EVAL, *extra]), config=config)
     train, val = _metrics(run)
     first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
     assert last < first - 1.0, f"{tower}: loss did not fall: {first:.3f} -> {last:.3f}"

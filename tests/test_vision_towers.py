@@ -67,6 +67,8 @@ TOKEN_TABLE = [
                               "data.resolution.max_tiles=4"], {(84, 84): 4, (84, 168): 12, (300, 310): 20}),
     # CLIP + LLaVA's MLP: one token per 14 px patch, 4 x 4 at the fixed 56 px.
     ("tiny_clip_cpu.yaml", [], {(20, 90): 16, (56, 56): 16}),
+    # A regime of 12 tokens, not a square: a 3 x 4 grid (42 x 56 px), the position table interpolated.
+    ("tiny_clip_cpu.yaml", ["data.resolution.fixed_tokens=12"], {(20, 90): 12, (300, 100): 12}),
     # CLIP at native resolution: (h / 14) * (w / 14) tokens, its position table interpolated.
     ("tiny_clip_cpu.yaml", ["data.resolution.mode=native", "data.resolution.max_pixels=20000"],
      {(56, 56): 16, (42, 112): 24, (140, 70): 50}),
@@ -74,7 +76,7 @@ TOKEN_TABLE = [
 
 
 @pytest.mark.parametrize("name,overrides,table", TOKEN_TABLE, ids=["siglip-fixed", "siglip-tiles", "clip-fixed",
-                                                                  "clip-native"])
+                                                                  "clip-fixed-grid", "clip-native"])
 def test_projector_token_counts_follow_the_resolution_policy(megatron_world, name, overrides, table):
     """For a table of image sizes, the tokens the policy plans are the rows the tower + projector emit."""
     import torch

@@ -418,12 +418,12 @@ def check_resolution(c: "_Checks", r: ResolutionConfig, config: Config, prefix: 
         f"{v.spatial_merge_size})**2 = {unit * unit}, one merged vision token",
     )
     if c.positive(f"{prefix}.fixed_tokens", r.fixed_tokens):
-        side = round(r.fixed_tokens ** 0.5)
-        c.require(
-            side * side == r.fixed_tokens,
-            f"{prefix}.fixed_tokens = {r.fixed_tokens}: must be a square number "
-            f"(e.g. 64, 100, 256, 400) so the regime is a square of merged tokens",
-        )
+        from megavl.data.resolution import fixed_grid
+
+        try:
+            fixed_grid(r.fixed_tokens)
+        except ValueError as e:
+            c.require(False, f"{prefix}.{e}")
     # A tile size only constrains the tiling mode: a fixed-size tower's config keeps the default
     # tile_size, which need not divide by its patch and merge sizes.
     if c.positive(f"{prefix}.tile_size", r.tile_size) and r.mode == "tiling":

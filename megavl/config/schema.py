@@ -308,8 +308,9 @@ class ResolutionConfig:
 
     # native: keep the aspect ratio, sides multiples of patch*merge, area in
     #   [min_pixels, max_pixels] (Qwen2-VL's rule).
-    # fixed: one square regime of fixed_tokens merged tokens (256 -> 448x448 px
-    #   at patch 14 / merge 2), reached by padding (aspect kept) or resizing.
+    # fixed: one regime of fixed_tokens merged tokens (256 -> 448x448 px at patch 14 /
+    #   merge 2; a count that is not square, the most nearly square landscape grid:
+    #   96 -> 8 x 12 tokens, 224x336 px), reached by padding (aspect kept) or resizing.
     # tiling: a grid of tile_size tiles fitting the aspect ratio, up to
     #   max_tiles, plus an optional global thumbnail (documents).
     mode: ResolutionMode = "native"

@@ -12,7 +12,6 @@ images made at the tower's size (both models see the same pixels, so preprocessi
 from __future__ import annotations
 
 import gc
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -89,10 +88,13 @@ def lm_problems(config: Config, architecture: str) -> list[str]:
 
 def fixed_image_side(config: Config) -> Optional[int]:
     """The side in pixels of every image the model sees (fixed squares, or tiles), None when
-    images keep their own size (native resolution)."""
+    images are not all one square (native resolution, a fixed grid that is not square)."""
+    from megavl.data.resolution import fixed_grid
+
     v, r = config.model.vision, config.data.resolution
     if r.mode == "fixed":
-        return math.isqrt(r.fixed_tokens) * v.patch_size * v.spatial_merge_size
+        rows, cols = fixed_grid(r.fixed_tokens)
+        return rows * v.patch_size * v.spatial_merge_size if rows == cols else None
     if r.mode == "tiling":
         return r.tile_size
     return None
@@ -114,6 +116,10 @@ def image_problems(config: Config, architecture: str, kinds: Sequence[str], mode
         )
         return problems
     side = fixed_image_side(config)
+    if side is None:
+        problems.append(f"data.resolution.fixed_tokens = {r.fixed_tokens}: not a square number, so the images are "
+                        f"not squares, which {architecture} takes")
+        return problems
     grid = v.image_size // v.patch_size  # the tower's convolution drops a remainder of pixels
     if side % v.patch_size or side // v.patch_size != grid:
         what = (f"fixed_tokens = {r.fixed_tokens} ({side} px squares)" if r.mode == "fixed"

@@ -6,7 +6,8 @@ megavl/data/image_backends.py) carries it out.
 
 Three policies:
 - native: Qwen2-VL's smart_resize, the aspect ratio kept and the area capped.
-- fixed: one square of fixed_tokens merged tokens, padded or stretched.
+- fixed: one canvas of fixed_tokens merged tokens, padded or stretched: a square for a
+  square count, else the most nearly square grid, landscape (96 -> 8 x 12 tokens).
 - tiling: a grid of square tiles chosen to match the aspect ratio, plus an
   optional thumbnail of the whole image (documents).
 
@@ -99,32 +100,50 @@ def _plan_native(
     return ImagePlan(resize_to=size, canvas=size, parts=_whole_canvas(size))
 
 
-def fixed_side(fixed_tokens: int, factor: int) -> int:
-    """Side in pixels of the square fixed regime: 256 tokens at factor 28 -> 448."""
-    tokens_per_side = math.isqrt(fixed_tokens) if fixed_tokens > 0 else 0
-    if tokens_per_side == 0 or tokens_per_side * tokens_per_side != fixed_tokens:
+# The longest fixed grid, columns to rows: a count with no closer factor pair (a prime) would
+# make a strip of single tokens.
+MAX_FIXED_ASPECT = 4
+
+
+def fixed_grid(fixed_tokens: int) -> tuple[int, int]:
+    """(rows, cols) of merged tokens of the fixed regime: the square for a square count, else the
+    most nearly square grid with the longer side across (96 -> 8 x 12)."""
+    if fixed_tokens <= 0:
+        raise ValueError(f"fixed_tokens = {fixed_tokens}: must be positive (e.g. 64, 96, 256, 400)")
+    rows = max(r for r in range(1, math.isqrt(fixed_tokens) + 1) if fixed_tokens % r == 0)
+    cols = fixed_tokens // rows
+    if cols > MAX_FIXED_ASPECT * rows:
         raise ValueError(
-            f"fixed_tokens = {fixed_tokens}: must be a positive square number (e.g. 64, 256, 400)"
+            f"fixed_tokens = {fixed_tokens}: its most nearly square grid is {rows} x {cols} merged tokens, "
+            f"longer than {MAX_FIXED_ASPECT}:1; give a count with a closer factor pair (e.g. 64, 96, 256, 400)"
         )
-    return tokens_per_side * factor
+    return rows, cols
+
+
+def fixed_canvas(fixed_tokens: int, factor: int) -> tuple[int, int]:
+    """(height, width) in pixels of the fixed regime: 256 tokens at factor 28 -> 448 x 448, 96 -> 224 x 336."""
+    rows, cols = fixed_grid(fixed_tokens)
+    return rows * factor, cols * factor
 
 
 def _plan_fixed(height: int, width: int, policy: ResolutionConfig, factor: int) -> ImagePlan:
-    side = fixed_side(policy.fixed_tokens, factor)
-    canvas = (side, side)
+    canvas = fixed_canvas(policy.fixed_tokens, factor)
     if policy.fixed_fit == "resize":
         resize_to = canvas
     elif policy.fixed_fit == "pad":
-        resize_to = _fit_long_side(height, width, side)
+        resize_to = _fit_inside(height, width, canvas)
     else:
         raise ValueError(f"fixed_fit = {policy.fixed_fit!r}: must be one of {', '.join(FIXED_FITS)}")
     return ImagePlan(resize_to=resize_to, canvas=canvas, parts=_whole_canvas(canvas))
 
 
-def _fit_long_side(height: int, width: int, side: int) -> tuple[int, int]:
-    """(height, width) scaled so the long side is `side`, short side rounded half up."""
-    long_side = max(height, width)
-    return _scale(height, side, long_side), _scale(width, side, long_side)
+def _fit_inside(height: int, width: int, canvas: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) scaled to fill the canvas on one side, the aspect ratio kept (the other side
+    rounded half up); on a square canvas, the long side becomes the canvas's."""
+    canvas_h, canvas_w = canvas
+    if height * canvas_w >= width * canvas_h:  # relatively taller than the canvas: its height fills
+        return canvas_h, min(canvas_w, _scale(width, canvas_h, height))
+    return min(canvas_h, _scale(height, canvas_w, width)), canvas_w
 
 
 def _scale(n: int, numerator: int, denominator: int) -> int:
