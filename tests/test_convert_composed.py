@@ -35,6 +35,16 @@ def save_vision(kind: str, folder: str, whole_model: bool = False) -> None:
                        "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
                        "image_std": [0.25, 0.25, 0.25]}, f)
         return
+    if kind == "siglip2":
+        # A 4 x 4 position table of 16 px patches, resized per image; up to 64 patches an image.
+        model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(
+            hidden_size=48, intermediate_size=80, num_attention_heads=4, num_hidden_layers=2, patch_size=16,
+            num_patches=16))
+        randomize(model, seed=3)
+        model.save_pretrained(folder)
+        with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+            json.dump({"max_num_patches": 64, "patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, f)
+        return
 
     common = dict(hidden_size=48, intermediate_size=80, num_attention_heads=4, patch_size=14)
     if kind == "siglip":
@@ -105,6 +115,9 @@ CASES = {
     "siglip+merge_mlp+qwen3": ("siglip", True, "qwen3", False, "merge_mlp", ["factor=2"], False),
     "clip+pixel_shuffle+qwen3_moe": ("clip", False, "qwen3_moe", False, "pixel_shuffle", ["factor=1", "bias=false"],
                                      True),
+    # SigLIP2 at native aspect ratios (its table resized bilinearly per image).
+    "siglip2+pixel_shuffle+qwen2": ("siglip2", False, "qwen2", False, "pixel_shuffle", ["factor=2", "norm=after"],
+                                    True),
     # The towers of whole Qwen VLMs (window attention in Qwen2.5-VL's), at native resolution.
     "qwen2_5_vl+merge_mlp+llama": ("qwen2_5_vl", True, "llama", True, "merge_mlp", ["factor=2"], False),
     "qwen2_vl+pixel_shuffle+qwen3": ("qwen2_vl", True, "qwen3", False, "pixel_shuffle", ["factor=2", "norm=after"],
@@ -142,7 +155,8 @@ def test_each_side_reproduces_its_hugging_face_model(composed, case):
     assert f"positions match {result.architecture.split(' + ')[-1]}'s 0, 1, ..." in check.describe()
     vision_kind, _, lm_kind, tie, adapter, _, _ = CASES[case]
     config = result.config
-    assert (config.model.vision.kind, config.model.adapter.kind) == (vision_kind, adapter)
+    # SigLIP2 is megavl's siglip tower with its own position interpolation.
+    assert (config.model.vision.kind, config.model.adapter.kind) == (vision_kind.replace("siglip2", "siglip"), adapter)
     lm = config.model.lm
     assert lm.rope == "1d" and lm.image_positions == "sequential" and lm.image_attention == "causal"
     assert lm.tie_embeddings == tie and lm.qkv_bias == (lm_kind == "qwen2")
@@ -172,6 +186,31 @@ def test_a_qwen_tower_keeps_native_resolution_and_leaves_its_merger_and_lm(compo
     merger = [t for n, t in hf.items() if ".merger." in n]
     assert not any(t.shape == a.shape and torch.equal(t, a) for t in merger for n, a in ours.items()
                    if n.startswith("adapter."))
+
+
+def test_siglip2_keeps_native_aspect_ratios_and_resizes_its_table_bilinearly(composed):
+    from megavl.convert.composed import verification_images
+
+    root, result = composed["siglip2+pixel_shuffle+qwen2"]
+    config = result.config
+    v, r = config.model.vision, config.data.resolution
+    assert (v.kind, v.image_size, v.position_interpolation, v.post_norm) == ("siglip", 64, "bilinear_antialias", True)
+    assert (r.mode, r.max_pixels) == ("native", 64 * 16 * 16)
+    # The features were compared on grids other than the 4 x 4 table, wider than tall.
+    grids = result.verification.image_grids
+    assert [1, 4, 4] not in grids and any(h != w for _, h, w in grids), grids
+    assert [tuple(p.shape[1:]) for p in verification_images(config)] == [(96, 128), (64, 96)]
+    # SigLIP's bicubic resizing of the same table gives other features: the check tells them apart.
+    import dataclasses
+
+    from megavl.convert.composed import verify_composed
+    from megavl.convert.composed_sides import LM_SIDES, VISION_SIDES
+
+    bicubic = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, vision=dataclasses.replace(v, position_interpolation="bicubic")))
+    check = verify_composed(VISION_SIDES["siglip2_vision_model"], str(root / "vision"), LM_SIDES["Qwen2ForCausalLM"],
+                            str(root / "lm"), bicubic, str(root / "out"), 100, set())
+    assert check.vision_max_abs_diff > 10 * TOLERANCE, check.describe()
 
 
 def test_a_qwen_tower_refuses_another_merge_factor(composed, tmp_path):

@@ -62,6 +62,10 @@ def test_pixel_shuffle_concatenates_patches_in_idefics3s_channel_order(scale):
 TOKEN_TABLE = [
     # SigLIP + pixel shuffle x3, fixed 84 px squares: 2 x 2 tokens whatever the image.
     ("tiny_siglip_cpu.yaml", [], {(30, 200): 4, (84, 84): 4, (500, 333): 4}),
+    # The same tower at native aspect ratios (SigLIP2's way: the table resized bilinearly per grid).
+    ("tiny_siglip_cpu.yaml", ["data.resolution.mode=native", "data.resolution.max_pixels=30000",
+                              "model.vision.position_interpolation=bilinear_antialias"],
+     {(84, 84): 4, (42, 168): 4, (126, 252): 10}),  # 126 x 252 is over the cap: 84 x 210
     # The same tower on 84 px tiles (up to 4) plus a global view of 4 tokens.
     ("tiny_siglip_cpu.yaml", ["data.resolution.mode=tiling", "data.resolution.tile_size=84",
                               "data.resolution.max_tiles=4"], {(84, 84): 4, (84, 168): 12, (300, 310): 20}),
@@ -75,7 +79,7 @@ TOKEN_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("name,overrides,table", TOKEN_TABLE, ids=["siglip-fixed", "siglip-tiles", "clip-fixed",
+@pytest.mark.parametrize("name,overrides,table", TOKEN_TABLE, ids=["siglip-fixed", "siglip-native-bilinear", "siglip-tiles", "clip-fixed",
                                                                   "clip-fixed-grid", "clip-native"])
 def test_projector_token_counts_follow_the_resolution_policy(megatron_world, name, overrides, table):
     """For a table of image sizes, the tokens the policy plans are the rows the tower + projector emit."""

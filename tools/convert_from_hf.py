@@ -16,7 +16,7 @@ A VLM composed from a vision tower and a text-only language model, with a new pr
     python tools/convert_from_hf.py --vision SIGLIP_OR_CLIP_DIR --lm LM_DIR --adapter pixel_shuffle \
         --adapter-args factor=3 norm=after --out DIR
 
---vision is a SigLIP or CLIP folder (the vision model alone or the whole image-text model), or a
+--vision is a SigLIP, SigLIP2 or CLIP folder (the vision model alone or the whole image-text model), or a
 Qwen2-VL / Qwen2.5-VL folder whose tower (not its merger or LM) is taken, at native resolution
 with --adapter merge_mlp or pixel_shuffle and factor=2;
 --lm a Qwen2 / Qwen2.5, Qwen3, Llama (Llama 3, SmolLM2) or Qwen3-MoE causal LM. --adapter is

@@ -42,6 +42,8 @@ __all__ = [
     "DType",
     "VisionNorm",
     "VisionMLP",
+    "PositionInterpolation",
+    "POSITION_INTERPOLATIONS",
     "ResolutionMode",
     "FixedFit",
     "ImageBackendName",
@@ -84,6 +86,9 @@ DType = Literal["fp32", "bf16"]
 # Vision-tower variants: Qwen2.5-VL uses RMSNorm + SwiGLU, Qwen2-VL LayerNorm + QuickGELU.
 VisionNorm = Literal["rmsnorm", "layernorm"]
 VisionMLP = Literal["swiglu", "gelu_quick", "gelu_tanh"]
+# How a learned position table is resized for another patch grid: bicubic (SigLIP's and CLIP's
+# interpolate_pos_encoding) or bilinear with antialiasing (SigLIP2's native aspect ratios).
+PositionInterpolation = Literal["bicubic", "bilinear_antialias"]
 # The vision tower's architecture (megavl/config/towers.py says what each one fixes):
 # Qwen2.5-VL / Qwen2-VL (2D RoPE, windows, native resolution), SigLIP (learned absolute
 # positions) and CLIP (learned positions, a class token, a LayerNorm before the layers).
@@ -135,6 +140,7 @@ IMAGE_ATTENTION_KINDS = get_args(ImageAttention)
 DTYPES = get_args(DType)
 VISION_NORMS = get_args(VisionNorm)
 VISION_MLPS = get_args(VisionMLP)
+POSITION_INTERPOLATIONS = get_args(PositionInterpolation)
 VISION_KINDS = get_args(VisionKind)
 ADAPTER_KINDS = get_args(AdapterKind)
 ADAPTER_NORMS = get_args(AdapterNorm)
@@ -177,8 +183,9 @@ class VisionConfig:
     mlp: VisionMLP = "swiglu"
     # Kinds with learned positions (siglip, clip): the side in pixels of the images the position
     # table was trained for; it holds (image_size // patch_size)**2 positions (plus the class
-    # token's) and is interpolated bicubically for other patch grids. 0 for the Qwen kinds.
+    # token's) and is resized for other patch grids (position_interpolation). 0 for the Qwen kinds.
     image_size: int = 0
+    position_interpolation: PositionInterpolation = "bicubic"
     # A LayerNorm after the last layer (SigLIP's post_layernorm, whose output Idefics3 and
     # SiQ-VL project); LLaVA's CLIP features come from before it.
     post_norm: bool = False

@@ -125,6 +125,11 @@ def tower_problems(config: Config) -> list[str]:
             f"{s}.image_size = {v.image_size}: {s}.kind = {v.kind} has rotary positions for any size; "
             "image_size sizes the learned position table of siglip / clip; set it to 0"
         )
+    if traits.positions != "learned" and v.position_interpolation != "bicubic":
+        problems.append(
+            f"{s}.position_interpolation = {v.position_interpolation}: {s}.kind = {v.kind} has no learned "
+            "position table to resize (keep bicubic)"
+        )
     for name in ("image_mean", "image_std"):
         value = getattr(v, name)
         if value is None:

@@ -43,7 +43,6 @@ from megavl.convert.files import CONFIG_NAME
 from megavl.convert.hf_io import SafetensorsCheckpoint, check_new_folder, read_hf_config, read_preprocessor_config
 from megavl.convert.importer import ImportResult, with_layout, write_converted_checkpoint
 from megavl.convert.mapping import Fresh, MappingTable
-from megavl.convert.qwen_vl import apply_normalisation, apply_preprocessor
 from megavl.convert.verify import DEFAULT_TOLERANCE, reserved_token_ids, wants_verification
 from megavl.convert.vocab_expansion import DEFAULT_VOCAB_MULTIPLE, TOKENIZER_DIR, add_tokens, expanded_vocab_size, new_rows
 from megavl.data import tokenizer as tok
@@ -80,22 +79,6 @@ def parse_adapter(kind: str, args: Sequence[str]) -> tuple[AdapterConfig, int]:
         raise ConversionError("\n".join(problems))
     factor = values.pop("factor", 1 if kind == "mlp" else 2)
     return AdapterConfig(kind=kind, **values), factor
-
-
-def _fixed_image_regime(config: Config, hf_vision, problems: list[str]) -> None:
-    """Every image a square of the tower's pretrained grid (e.g. 27 x 27 patches for SigLIP-384)."""
-    v = config.model.vision
-    side, merge = hf_vision.image_size // hf_vision.patch_size, v.spatial_merge_size
-    if side % merge:
-        divisors = [f for f in range(1, side + 1) if side % f == 0]
-        problems.append(
-            f"--adapter-args factor={merge}: the tower's {side} x {side} patch grid (image_size "
-            f"{hf_vision.image_size} / patch_size {hf_vision.patch_size}) does not split into {merge} x {merge} "
-            f"blocks; valid factors: {', '.join(map(str, divisors))}"
-        )
-        return
-    r = config.data.resolution
-    r.mode, r.fixed_tokens, r.fixed_fit = "fixed", (side // merge) ** 2, "pad"
 
 
 def _load_tokenizer(path: str, option: str):
@@ -170,18 +153,13 @@ def compose_config(vision_side: VisionSide, hf_vision, lm_side: LMSide, hf_lm, a
     config = Config()
     config.model.vision = vision_side.vision_config(hf_vision, vision_layer, factor)
     resolution_notes: list[str] = []
-    if vision_side.native_resolution():
-        apply_preprocessor(config, preprocessor, problems, resolution_notes)
-    elif preprocessor:
-        apply_normalisation(config.model.vision, preprocessor)
+    vision_side.image_regime(config, hf_vision, preprocessor, problems, resolution_notes)
     config.model.adapter = adapter
     lm = lm_side.lm_config(hf_lm, problems)
     config.model.lm = dataclasses.replace(
         lm, vocab_size=new_vocab, image_token_id=tokenizer.convert_tokens_to_ids(tok.IMAGE_PAD),
         image_positions="sequential", image_attention="causal",
     )
-    if not vision_side.native_resolution():
-        _fixed_image_regime(config, hf_vision, problems)
     config.train.dtype, dtype_note = dtype_name(hf_lm)
     if problems:
         raise ConversionError(
@@ -189,16 +167,14 @@ def compose_config(vision_side: VisionSide, hf_vision, lm_side: LMSide, hf_lm, a
             + "\n".join(f"  - {p}" for p in problems)
         )
     v, r = config.model.vision, config.data.resolution
-    if vision_side.native_resolution():
+    if r.mode == "native":
         resolution = (f"data.resolution: native, {r.min_pixels} to {r.max_pixels} pixels per image (the tower's "
                       "preprocessor)")
-        layers = f"the tower's features are read at its last layer ({v.num_layers}), before its merger"
     else:
         px = int(math.isqrt(r.fixed_tokens)) * v.patch_size * v.spatial_merge_size
         resolution = (f"data.resolution: fixed {px} x {px} px images ({r.fixed_tokens} tokens each, padded to a "
                       "square), the tower's pretrained grid")
-        layers = (f"the tower's features are read at layer {v.num_layers} of {hf_vision.num_hidden_layers}"
-                  + (" after its final LayerNorm" if v.post_norm else " (no final norm)"))
+    layers = vision_side.layers_note(v, hf_vision)
     notes = [
         f"model.adapter.kind = {adapter.kind} starts fresh (megavl's initial values); train it first "
         "(train.stage = align) with the tower and the LM frozen",
@@ -315,7 +291,9 @@ def verification_images(config: Config) -> list[torch.Tensor]:
     v, r = config.model.vision, config.data.resolution
     unit = v.patch_size * v.spatial_merge_size
     if r.mode == "native":
-        window = max(v.window_size, 2 * unit)
+        from megavl.config.towers import tower_traits
+
+        window = v.window_size if tower_traits(v).windows else 2 * unit
         sizes = ((window + unit, 2 * window), (2 * unit, 3 * unit))
     else:
         side = math.isqrt(r.fixed_tokens) * unit

@@ -103,6 +103,31 @@ class VisionSide:
         """Whether the tower takes images at their own size (else fixed squares of its position table)."""
         return False
 
+    def image_regime(self, config, hf_vision, preprocessor: Optional[dict], problems: list[str],
+                     notes: list[str]) -> None:
+        """config.data.resolution and the pixel statistics for the tower: every image a square of
+        its pretrained grid (e.g. 27 x 27 patches for SigLIP-384), normalised as its preprocessor says."""
+        from megavl.convert.qwen_vl import apply_normalisation
+
+        if preprocessor:
+            apply_normalisation(config.model.vision, preprocessor)
+        v = config.model.vision
+        side, merge = v.image_size // v.patch_size, v.spatial_merge_size
+        if side % merge:
+            divisors = [f for f in range(1, side + 1) if side % f == 0]
+            problems.append(
+                f"--adapter-args factor={merge}: the tower's {side} x {side} patch grid (image_size "
+                f"{v.image_size} / patch_size {v.patch_size}) does not split into {merge} x {merge} "
+                f"blocks; valid factors: {', '.join(map(str, divisors))}"
+            )
+            return
+        r = config.data.resolution
+        r.mode, r.fixed_tokens, r.fixed_fit = "fixed", (side // merge) ** 2, "pad"
+
+    def layers_note(self, vision: VisionConfig, hf_vision) -> str:
+        return (f"the tower's features are read at layer {vision.num_layers} of {hf_vision.num_hidden_layers}"
+                + (" after its final LayerNorm" if vision.post_norm else " (no final norm)"))
+
     def load_reference(self, folder: str):
         import transformers
 
@@ -161,6 +186,15 @@ class QwenVisionSide(VisionSide):
 
     def native_resolution(self) -> bool:
         return True
+
+    def image_regime(self, config, hf_vision, preprocessor: Optional[dict], problems: list[str],
+                     notes: list[str]) -> None:
+        from megavl.convert.qwen_vl import apply_preprocessor
+
+        apply_preprocessor(config, preprocessor, problems, notes)
+
+    def layers_note(self, vision: VisionConfig, hf_vision) -> str:
+        return f"the tower's features are read at its last layer ({vision.num_layers}), before its merger"
 
     def mappings(self, vision: VisionConfig, prefix: str) -> list[Mapping]:
         from megavl.config import Config
@@ -226,11 +260,62 @@ def _qwen_sides() -> tuple[VisionSide, ...]:
     )
 
 
+@dataclass(frozen=True)
+class Siglip2VisionSide(VisionSide):
+    """SigLIP2 (NaFlex): a SigLIP tower on images of their own aspect ratio, its position table
+    resized bilinearly with antialiasing per patch grid, its patch embedding a linear over
+    channel-last patches; native resolution up to the preprocessor's max_num_patches."""
+
+    def vision_config(self, hf_vision, feature_layer: Optional[int], merge: int) -> VisionConfig:
+        keep, post_norm = self.feature_layers(hf_vision, feature_layer)
+        return vision_config_from_hf(hf_vision, "siglip", post_norm=post_norm, merge=merge, num_layers=keep,
+                                     interpolation="bilinear_antialias")
+
+    def feature_layers(self, hf_vision, feature_layer: Optional[int]) -> tuple[int, bool]:
+        keep, _ = super().feature_layers(hf_vision, feature_layer)
+        return keep, keep == hf_vision.num_hidden_layers
+
+    def mappings(self, vision: VisionConfig, prefix: str) -> list[Mapping]:
+        return tower_mappings(vision, prefix, linear_patches=True)
+
+    def native_resolution(self) -> bool:
+        return True
+
+    def image_regime(self, config, hf_vision, preprocessor: Optional[dict], problems: list[str],
+                     notes: list[str]) -> None:
+        from megavl.convert.qwen_vl import apply_normalisation
+
+        v, r = config.model.vision, config.data.resolution
+        if preprocessor:
+            apply_normalisation(v, preprocessor)
+        patches = int((preprocessor or {}).get("max_num_patches", hf_vision.num_patches))
+        unit = v.patch_size * v.spatial_merge_size
+        r.mode, r.min_pixels, r.max_pixels = "native", unit * unit, patches * v.patch_size ** 2
+        if patches < v.spatial_merge_size ** 2:
+            problems.append(f"preprocessor_config.json max_num_patches = {patches}: fewer than one "
+                            f"{v.spatial_merge_size} x {v.spatial_merge_size} block of patches")
+
+    @torch.no_grad()
+    def reference_features(self, model, image: torch.Tensor, vision: VisionConfig) -> torch.Tensor:
+        c, height, width = image.shape
+        p = vision.patch_size
+        rows, cols = height // p, width // p
+        # SigLIP2's processor flattens each patch channel-last.
+        patches = image.reshape(c, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(1, rows * cols, p * p * c)
+        out = model(pixel_values=patches, pixel_attention_mask=torch.ones(1, rows * cols, dtype=torch.long),
+                    spatial_shapes=torch.tensor([[rows, cols]]), output_hidden_states=True)
+        if vision.post_norm:
+            return out.last_hidden_state[0].float()
+        return out.hidden_states[vision.num_layers][0].float()
+
+
 VISION_SIDES = {
     side.vision_model_type: side
     for side in (
         VisionSide("siglip", "siglip_vision_model", "siglip", "SiglipVisionConfig", "SiglipVisionModel", -1),
         VisionSide("clip", "clip_vision_model", "clip", "CLIPVisionConfig", "CLIPVisionModel", -2),
+        Siglip2VisionSide("siglip2", "siglip2_vision_model", "siglip2", "Siglip2VisionConfig", "Siglip2VisionModel",
+                          -1),
         *_qwen_sides(),
     )
 }

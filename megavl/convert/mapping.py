@@ -146,6 +146,25 @@ class PatchEmbedConv2d(Direct):
         return [tensor.squeeze(2)]
 
 
+class PatchEmbedLinear(Direct):
+    """A linear patch embedding over channel-last flattened patches [hidden, P * P * C] (SigLIP2's)
+    <-> megavl's Conv3d layout with one frame [hidden, C, 1, P, P]."""
+
+    def __init__(self, megavl: str, hf: str, patch_size: int, channels: int):
+        super().__init__(megavl, hf)
+        self.patch_size, self.channels = patch_size, channels
+
+    def to_megavl(self, hf):
+        p, c = self.patch_size, self.channels
+        if hf[0].dim() != 2 or hf[0].shape[1] != p * p * c:
+            raise ConversionError(f"{self.hf[0]}: expected a linear [hidden, {p} * {p} * {c}], got shape "
+                                  f"{tuple(hf[0].shape)}")
+        return hf[0].reshape(-1, p, p, c).permute(0, 3, 1, 2).unsqueeze(2).contiguous()
+
+    def to_hf(self, tensor):
+        return [tensor.squeeze(2).permute(0, 2, 3, 1).reshape(tensor.shape[0], -1).contiguous()]
+
+
 class QKV(Mapping):
     """Separate q, k, v projections <-> megatron's fused linear_qkv.
 

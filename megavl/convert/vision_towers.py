@@ -13,7 +13,7 @@ from typing import Optional
 
 from megavl.config import VisionConfig
 from megavl.convert.errors import ConversionError
-from megavl.convert.mapping import Direct, Mapping, PatchEmbedConv2d, QKV, Replicated
+from megavl.convert.mapping import Direct, Mapping, PatchEmbedConv2d, PatchEmbedLinear, QKV, Replicated
 
 VISION_LAYER = "vision.layers.*."
 
@@ -21,15 +21,19 @@ VISION_LAYER = "vision.layers.*."
 _ACTIVATIONS = {"siglip": {"gelu_pytorch_tanh": "gelu_tanh"}, "clip": {"quick_gelu": "gelu_quick"}}
 
 
-def tower_mappings(vision: VisionConfig, hf_prefix: str) -> list[Mapping]:
+def tower_mappings(vision: VisionConfig, hf_prefix: str, linear_patches: bool = False) -> list[Mapping]:
     """The mappings of a siglip / clip tower whose Hugging Face tensors start with hf_prefix
-    (e.g. ``vision_model.``)."""
+    (e.g. ``vision_model.``); linear_patches: the patch embedding is SigLIP2's linear over
+    channel-last patches rather than a convolution."""
     if vision.kind not in _ACTIVATIONS:
         raise ConversionError(f"model.vision.kind = {vision.kind}: not a SigLIP or CLIP tower")
     v, hf, heads = VISION_LAYER, hf_prefix + "encoder.layers.*.", vision.num_attention_heads
     embeddings = hf_prefix + "embeddings."
+    patches = (PatchEmbedLinear("vision.patch_embed.proj.weight", embeddings + "patch_embedding.weight",
+                                vision.patch_size, vision.in_channels) if linear_patches
+               else PatchEmbedConv2d("vision.patch_embed.proj.weight", embeddings + "patch_embedding.weight"))
     mappings: list[Mapping] = [
-        PatchEmbedConv2d("vision.patch_embed.proj.weight", embeddings + "patch_embedding.weight"),
+        patches,
         Replicated("vision.position_embedding.weight", embeddings + "position_embedding.weight"),
     ]
     if vision.kind == "siglip":
@@ -64,15 +68,20 @@ def tower_mappings(vision: VisionConfig, hf_prefix: str) -> list[Mapping]:
 
 
 def vision_config_from_hf(hf_vision_config, kind: str, post_norm: bool, merge: int,
-                          num_layers: Optional[int] = None) -> VisionConfig:
+                          num_layers: Optional[int] = None, interpolation: str = "bicubic") -> VisionConfig:
     """A VisionConfig for a SiglipVisionConfig / CLIPVisionConfig.
 
     post_norm: whether the features are read after the final LayerNorm (SigLIP as Idefics3
     and SiQ-VL use it) or before it (LLaVA's CLIP). merge: the projector's
     model.vision.spatial_merge_size (1 for LLaVA's MLP). num_layers: the layers to keep, when the
     features come from an earlier layer (LLaVA's vision_feature_layer = -2 keeps all but one).
+    interpolation: how the position table is resized (SigLIP2's is bilinear_antialias; its config
+    gives num_patches instead of image_size).
     """
+    import math
+
     c = hf_vision_config
+    image_size = getattr(c, "image_size", None) or math.isqrt(c.num_patches) * c.patch_size
     activation = _ACTIVATIONS[kind].get(c.hidden_act)
     if activation is None:
         raise ConversionError(
@@ -92,7 +101,8 @@ def vision_config_from_hf(hf_vision_config, kind: str, post_norm: bool, merge: i
         norm="layernorm",
         mlp=activation,
         spatial_merge_size=merge,
-        image_size=c.image_size,
+        image_size=image_size,
+        position_interpolation=interpolation,
         post_norm=post_norm,
         full_attention_layers=[],
     )

@@ -151,7 +151,7 @@ class VisionEncoder(MegatronModule):
             self.rotary = VisionRotaryEmbedding(hidden // vision.num_attention_heads, vision.rope_theta)
         else:
             self.position_embedding = LearnedPositionEmbedding(
-                position_grid_side(vision), hidden, self.traits.class_token, dtype
+                position_grid_side(vision), hidden, self.traits.class_token, dtype, vision.position_interpolation
             )
         if self.traits.pre_norm:
             self.pre_norm = LayerNorm(transformer_config, hidden, eps=eps)

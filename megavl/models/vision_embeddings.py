@@ -4,8 +4,9 @@ Patches arrive packed (all images of a microbatch in one sequence) in the order
 megavl/data/image_patches.py emits them, grouped by merge block, so a patch's
 position is read from its (row, column) coordinate, never from its index in the
 sequence. A table trained for one grid is resized for another grid bicubically,
-as Hugging Face's ``interpolate_pos_encoding`` does, so the same weights serve
-any image size the resolution policy asks for.
+as Hugging Face's ``interpolate_pos_encoding`` does (or bilinearly with antialiasing,
+as SigLIP2 does for native aspect ratios), so the same weights serve any image size
+the resolution policy asks for.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ class LearnedPositionEmbedding(torch.nn.Module):
     With a class token it also holds the token's embedding (CLIP's class_embedding).
     """
 
-    def __init__(self, side: int, hidden: int, class_token: bool, dtype: torch.dtype):
+    def __init__(self, side: int, hidden: int, class_token: bool, dtype: torch.dtype,
+                 interpolation: str = "bicubic"):
         super().__init__()
         self.side = side
+        self.interpolation = interpolation
         self.class_rows = int(class_token)
         self.weight = torch.nn.Parameter(torch.empty(side * side + self.class_rows, hidden, dtype=dtype))
         if class_token:
@@ -39,7 +42,10 @@ class LearnedPositionEmbedding(torch.nn.Module):
             return table
         hidden = table.shape[-1]
         grid = table.reshape(1, self.side, self.side, hidden).permute(0, 3, 1, 2)
-        resized = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        if self.interpolation == "bilinear_antialias":
+            resized = F.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)
+        else:
+            resized = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
         return resized.permute(0, 2, 3, 1).reshape(rows * cols, hidden)
 
     def forward(self, grid_thw: list, coords: torch.Tensor) -> torch.Tensor:
