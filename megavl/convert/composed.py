@@ -3,8 +3,9 @@
     tools/convert_from_hf.py --vision VISION_DIR --lm LM_DIR --adapter KIND [--adapter-args k=v ...]
                              [--vision-layer N] [--tokenizer DIR] --out CKPT
 
-The tower (SigLIP, CLIP, or that of a Qwen2-VL / Qwen2.5-VL folder: megavl.convert.composed_sides) and the LM (Qwen2 / Qwen2.5, Qwen3,
-Llama, Qwen3-MoE) are copied tensor by tensor; the projector starts from megavl's initial
+The tower (SigLIP, SigLIP2, CLIP, or that of a Qwen2-VL / Qwen2.5-VL folder:
+megavl.convert.composed_sides) and the LM (Qwen2 / Qwen2.5, Qwen3, Llama, Qwen3-MoE) are copied
+tensor by tensor; the projector starts from megavl's initial
 values. The special tokens megavl's chat format and images need (megavl.data.tokenizer's
 SPECIAL_TOKENS) that the LM's tokenizer lacks are added to it, and the embedding table (and an
 untied output layer) grows to hold them: their rows start at the mean of the old tokens' rows,
@@ -12,8 +13,9 @@ rows added beyond the tokenizer (up to the next multiple of --vocab-multiple, wh
 table divisible by tensor-parallel sizes) are zero, and the LM's own rows are unchanged.
 
 Images are fixed squares of the tower's pretrained size (the learned position table's grid) for
-SigLIP and CLIP, at their own size (Qwen's min / max pixels) for a Qwen tower, numbered like text (model.lm.image_positions = sequential, 1-D RoPE) and attended causally, as
-LLaVA and Idefics3 do. Each side is verified on its own: the tower's features against the
+SigLIP and CLIP, and keep their own aspect ratio for SigLIP2 and a Qwen tower (within the
+preprocessor's limits); they are numbered like text (model.lm.image_positions = sequential, 1-D
+RoPE) and attended causally, as LLaVA and Idefics3 do. Each side is verified on its own: the tower's features against the
 Hugging Face vision model, the LM's logits on text against the Hugging Face causal LM.
 
 CKPT receives the weights (layout-free), megavl_config.yaml, tokenizer/ and composition.json
