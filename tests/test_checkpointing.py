@@ -167,6 +167,7 @@ def test_missing_checkpoint_is_a_clear_error(trainable, tmp_path):
     ("tiny_siglip_cpu.yaml", ["model.adapter.norm=before"]),
     ("tiny_clip_cpu.yaml", ["model.vision.post_norm=true", "model.adapter.bias=false"]),
     ("tiny_moe_cpu.yaml", ["parallel.expert=1", "model.lm.moe.shared_expert_ffn_hidden_size=96"]),
+    ("tiny_roaya_cpu.yaml", []),
     # Heads of 48 on a width of 128 (Qwen3's layout), with q/k norms and multimodal RoPE over 24 pairs.
     ("tiny_cpu.yaml", ["model.lm.head_dim=48", "model.lm.qk_layernorm=true", "model.lm.mrope_section=[8,8,8]"]),
 ])

@@ -416,6 +416,19 @@ def problems_for(overrides, world_size=1) -> str:
             id="sequential-positions-with-mrope",
         ),
         pytest.param(
+            ["model.vision.kind=compression_first", "model.vision.norm=layernorm", "model.vision.mlp=gelu_quick",
+             "model.vision.temporal_patch_size=1", "model.vision.image_size=112", "model.adapter.kind=merge_mlp"], 1,
+            ["model.vision.window_stage.num_layers = 0: model.vision.kind = compression_first needs a window stage",
+             "model.adapter.kind = merge_mlp: model.vision.kind = compression_first merges 2 x 2 patches in its own "
+             "compressor"],
+            id="compression-first-needs-a-window-stage-and-an-mlp-projector",
+        ),
+        pytest.param(
+            ["model.vision.window_stage.num_layers=2"], 1,
+            ["model.vision.window_stage.num_layers = 2: only model.vision.kind = compression_first has a window stage"],
+            id="window-stage-of-another-tower",
+        ),
+        pytest.param(
             ["model.lm.head_dim=25"], 1, ["model.lm.head_dim = 25: must be even for rotary embeddings"],
             id="odd-head-dim",
         ),

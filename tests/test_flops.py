@@ -30,6 +30,7 @@ from conftest import ROOT, TINY_CONFIG
 MOE_CONFIG = ROOT / "examples" / "configs" / "tiny_moe_cpu.yaml"
 SIGLIP_CONFIG = ROOT / "examples" / "configs" / "tiny_siglip_cpu.yaml"
 CLIP_CONFIG = ROOT / "examples" / "configs" / "tiny_clip_cpu.yaml"
+ROAYA_CONFIG = ROOT / "examples" / "configs" / "tiny_roaya_cpu.yaml"
 SHORT = ["train.seq_length=256"]
 # The one matmul FlopCounterMode sees that is no model FLOP: multimodal RoPE's frequencies, an
 # outer product of positions and inverse frequencies written as a matmul (3 * b * s * head_dim
@@ -63,6 +64,10 @@ CASES = {
     "siglip-align": (SIGLIP_CONFIG, [*SHORT, "train.stage=align"]),
     # CLIP (a class token per image) + LLaVA's MLP on every patch, a norm before it.
     "clip": (CLIP_CONFIG, [*SHORT, "model.adapter.norm=before"]),
+    # compression_first: a window stage over the patches, the compressor, a global stage over tokens.
+    "compression-first": (ROAYA_CONFIG, SHORT),
+    # ... with only its last layer training: the window stage and compressor run forward only.
+    "compression-first-last-layer": (ROAYA_CONFIG, [*SHORT, "train.parts.vision_last_layers=1"]),
     # Heads wider than hidden_size / num_attention_heads (Qwen3's layout): 4 heads of 48 on a width of 128.
     "wide-heads": (CLIP_CONFIG, [*SHORT, "model.lm.head_dim=48", "model.lm.qk_layernorm=true"]),
 }
@@ -111,13 +116,19 @@ def _dense_attention_count(batch, config, monkeypatch) -> ModelFlops:
     """The count with the pairs SDPA computes over a dense mask instead of those the mask allows."""
     from megavl.config.towers import tower_traits
 
+    from megavl.config.towers import tower_output_rows
+
     b, s = batch["tokens"].shape
     grid = batch["image_grid_thw"]
-    # The tower's rows: every patch, and a class token per image where the tower has one.
-    rows = int(grid.prod(dim=-1).sum()) + len(grid) * int(tower_traits(config.model.vision).class_token)
+    v = config.model.vision
+    patches = int(grid.prod(dim=-1).sum())
+    # The tower's rows: every patch (or compressed token), and a class token per image where the
+    # tower has one; a compressing tower's window stage runs over every patch.
+    rows = tower_output_rows(patches, v) + len(grid) * int(tower_traits(v).class_token)
     with monkeypatch.context() as patched:
         patched.setattr(flops, "lm_attention_pairs", lambda batch, bidirectional: b * s * s)
         patched.setattr(flops, "vision_attention_pairs", lambda grid, vision: (rows**2, rows**2))
+        patched.setattr(flops, "window_stage_attention_pairs", lambda grid, vision: (patches**2, patches**2))
         return microbatch_flops(batch, config)
 
 
@@ -209,6 +220,23 @@ def test_vision_pairs_are_the_towers_segments():
     windows = window_segments(coords, grid, vision.window_size // vision.patch_size)
     windowed = int((torch.unique(windows, return_counts=True)[1] ** 2).sum())
     assert vision_attention_pairs(grid, vision) == (full, windowed)
+
+
+def test_a_compressing_towers_pairs_are_its_window_stage_segments_then_its_tokens():
+    """compression_first: the window stage's windows over the patches (SAM's 14-patch windows do not
+    align with the compressor's blocks), then whole images of compressed tokens."""
+    from megavl.models.flops import window_stage_attention_pairs
+    from megavl.models.vision import patch_coordinates, window_segments
+
+    vision = load_config(str(ROAYA_CONFIG), ["model.vision.window_size=24"]).model.vision  # 3 x 3 patch windows
+    grid = torch.tensor([[1, 8, 8], [1, 4, 12], [1, 2, 2]])
+    coords = patch_coordinates(grid, vision.spatial_merge_size)
+    full = int((torch.unique(coords[:, 0], return_counts=True)[1] ** 2).sum())
+    windows = window_segments(coords, grid, vision.window_size // vision.patch_size)
+    windowed = int((torch.unique(windows, return_counts=True)[1] ** 2).sum())
+    assert window_stage_attention_pairs(grid, vision) == (full, windowed)
+    tokens = (16**2 + 12**2 + 1**2)  # 4 x 4, 2 x 6 and 1 x 1 compressed tokens
+    assert vision_attention_pairs(grid, vision) == (tokens, tokens)
 
 
 def test_towers_without_windows_attend_over_each_image_and_its_class_token():

@@ -36,6 +36,9 @@ TOWER_LAYOUTS = ("TP2", "PP2", "DP2")
 TOWERS = {
     "siglip": (CONFIGS / "tiny_siglip_cpu.yaml", [], TOWER_LAYOUTS),
     "clip": (CONFIGS / "tiny_clip_cpu.yaml", [], TOWER_LAYOUTS),
+    # compression_first: window stage, compressor, global stage (a TP-split compressor and layers of
+    # two widths).
+    "compression-first": (CONFIGS / "tiny_roaya_cpu.yaml", [], TOWER_LAYOUTS),
     # LM heads wider than hidden_size / num_attention_heads (Qwen3's layout: 4 heads of 48 on a
     # width of 128) and Llama 3's RoPE scaling, under the layouts that split or stage the attention.
     "lm-variants": (CONFIGS / "tiny_clip_cpu.yaml", ["model.lm.head_dim=48", "model.lm.qk_layernorm=true",

@@ -74,7 +74,8 @@ def _cluster(nodes: int, gpus_per_node: int, gpu: str = "h100"):
                        "model.lm.mrope_section=[8,8,8]"]),
     ("tiny_siglip_cpu.yaml", []),
     ("tiny_clip_cpu.yaml", ["model.adapter.norm=after", "model.adapter.bias=false"]),
-], ids=["dense", "moe", "variants", "siglip", "clip"])
+    ("tiny_roaya_cpu.yaml", []),
+], ids=["dense", "moe", "variants", "siglip", "clip", "compression-first"])
 def test_parameter_counts_agree_with_the_dry_run_and_the_built_model(megatron_world, capsys, name, overrides):
     from megavl.models.build import build_model, local_parameter_counts
     from megavl.planning.parameters import gpu_parameters, model_parameters, parameter_groups

@@ -119,7 +119,9 @@ def test_dry_run_prints_layout_and_parameter_counts():
     ("clip", []),
     # A fixed regime of 12 tokens, not a square number: every image a 3 x 4 grid.
     ("clip", ["data.resolution.fixed_tokens=12"]),
-], ids=["siglip", "clip", "clip-3x4-grid"])
+    # compression_first on 64 px tiles plus the global view.
+    ("roaya", []),
+], ids=["siglip", "clip", "clip-3x4-grid", "compression-first"])
 def test_other_towers_and_projectors_learn_through_the_whole_pipeline(data_dir, tmp_path, tower, extra):
     """tiny_siglip_cpu (SigLIP, pixel shuffle, sequential 1-D positions) and tiny_clip_cpu (CLIP,
     LLaVA's MLP): the loader's fixed-size resolution policy, the tower, the projector and the LM."""

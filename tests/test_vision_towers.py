@@ -73,6 +73,11 @@ TOKEN_TABLE = [
     ("tiny_clip_cpu.yaml", [], {(20, 90): 16, (56, 56): 16}),
     # A regime of 12 tokens, not a square: a 3 x 4 grid (42 x 56 px), the position table interpolated.
     ("tiny_clip_cpu.yaml", ["data.resolution.fixed_tokens=12"], {(20, 90): 12, (300, 100): 12}),
+    # compression_first: 64 patches per 64 px tile compressed to 16 tokens; 2 tiles + the global view.
+    ("tiny_roaya_cpu.yaml", [], {(64, 64): 16, (64, 128): 48, (30, 200): 16 * 5}),
+    # ... and a fixed regime of 12 tokens, not a square: a 3 x 4 grid (96 x 128 px, 12 x 16 patches).
+    ("tiny_roaya_cpu.yaml", ["data.resolution.mode=fixed", "data.resolution.fixed_tokens=12"],
+     {(64, 64): 12, (300, 90): 12}),
     # CLIP at native resolution: (h / 14) * (w / 14) tokens, its position table interpolated.
     ("tiny_clip_cpu.yaml", ["data.resolution.mode=native", "data.resolution.max_pixels=20000"],
      {(56, 56): 16, (42, 112): 24, (140, 70): 50}),
@@ -80,7 +85,8 @@ TOKEN_TABLE = [
 
 
 @pytest.mark.parametrize("name,overrides,table", TOKEN_TABLE, ids=["siglip-fixed", "siglip-native-bilinear", "siglip-tiles", "clip-fixed",
-                                                                  "clip-fixed-grid", "clip-native"])
+                                                                  "clip-fixed-grid", "compression-first-tiles",
+                                                                  "compression-first-fixed-grid", "clip-native"])
 def test_projector_token_counts_follow_the_resolution_policy(megatron_world, name, overrides, table):
     """For a table of image sizes, the tokens the policy plans are the rows the tower + projector emit."""
     import torch

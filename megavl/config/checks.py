@@ -114,18 +114,20 @@ def _check_vision(c: _Checks, config: Config) -> None:
     c.at_least(f"{s}.in_channels", v.in_channels, 1)
     merge_ok = c.at_least(f"{s}.spatial_merge_size", v.spatial_merge_size, 1)
     c.problems += tower_problems(config)
-    if patch_ok and merge_ok and v.kind in TOWERS and tower_traits(v).windows:
-        # Windows must hold whole merged tokens, or merging would straddle
-        # window boundaries.
-        unit = v.patch_size * v.spatial_merge_size
+    if patch_ok and merge_ok and v.kind in TOWERS and (tower_traits(v).windows or tower_traits(v).compresses):
+        # Windows must hold whole merged tokens, or merging would straddle window boundaries; a
+        # compressing tower's windows come before its compressor, so whole patches suffice (SAM's
+        # 14-patch windows under a 4 x 4 compressor).
+        unit = v.patch_size * (1 if tower_traits(v).compresses else v.spatial_merge_size)
         c.require(
             v.window_size > 0 and v.window_size % unit == 0,
             f"{s}.window_size = {v.window_size}: must be a positive multiple of "
-            f"{s}.patch_size * {s}.spatial_merge_size = {unit}",
+            + (f"{s}.patch_size = {unit}" if tower_traits(v).compresses
+               else f"{s}.patch_size * {s}.spatial_merge_size = {unit}"),
         )
     bad = [i for i in v.full_attention_layers if not 0 <= i < v.num_layers]
     c.require(
-        not bad,
+        not bad or (v.kind in TOWERS and not tower_traits(v).windows),
         f"{s}.full_attention_layers = {v.full_attention_layers}: indices {bad} are "
         f"outside [0, {v.num_layers}) (0-based, {s}.num_layers = {v.num_layers})",
     )
@@ -548,7 +550,7 @@ def _fp8_gemm_widths(config: Config, tower: str) -> list[tuple]:
     tp = max(1, config.parallel.tensor)
     if tower == "vision":
         v = config.model.vision
-        return [
+        widths = [
             ("model.vision.hidden_size", f"{v.hidden_size}", "the input of the vision tower's linear_qkv and "
              "linear_fc1 and the output of its linear_proj and linear_fc2", v.hidden_size, 1),
             ("model.vision.hidden_size", f"{v.hidden_size}", "the input of the vision tower's linear_proj",
@@ -556,6 +558,17 @@ def _fp8_gemm_widths(config: Config, tower: str) -> list[tuple]:
             ("model.vision.ffn_hidden_size", f"{v.ffn_hidden_size}", "the input of the vision MLP's linear_fc2",
              v.ffn_hidden_size, tp),
         ]
+        if v.kind in TOWERS and tower_traits(v).compresses:
+            s = v.window_stage
+            widths += [
+                ("model.vision.window_stage.hidden_size", f"{s.hidden_size}", "the input of the window stage's "
+                 "linear_qkv and linear_fc1 and the output of its linear_proj and linear_fc2", s.hidden_size, 1),
+                ("model.vision.window_stage.hidden_size", f"{s.hidden_size}", "the input of the window stage's "
+                 "linear_proj", s.hidden_size, tp),
+                ("model.vision.window_stage.ffn_hidden_size", f"{s.ffn_hidden_size}", "the input of the window "
+                 "stage's linear_fc2", s.ffn_hidden_size, tp),
+            ]
+        return widths
     lm, moe = config.model.lm, config.model.lm.moe
     widths = [
         ("model.lm.hidden_size", f"{lm.hidden_size}", "the input of linear_qkv and linear_fc1 and the output "

@@ -12,6 +12,7 @@ from typing import Literal, Optional, get_args
 __all__ = [
     "lm_head_dim",
     "VisionConfig",
+    "WindowStageConfig",
     "VisionKind",
     "VISION_KINDS",
     "AdapterConfig",
@@ -91,8 +92,10 @@ VisionMLP = Literal["swiglu", "gelu_quick", "gelu_tanh"]
 PositionInterpolation = Literal["bicubic", "bilinear_antialias"]
 # The vision tower's architecture (megavl/config/towers.py says what each one fixes):
 # Qwen2.5-VL / Qwen2-VL (2D RoPE, windows, native resolution), SigLIP (learned absolute
-# positions) and CLIP (learned positions, a class token, a LayerNorm before the layers).
-VisionKind = Literal["qwen2_5_vl", "qwen2_vl", "siglip", "clip"]
+# positions) and CLIP (learned positions, a class token, a LayerNorm before the layers);
+# compression_first (DeepSeek-OCR's manner: a window-attention ViT on the patches, a 16x token
+# compressor, then a global-attention ViT on the compressed tokens).
+VisionKind = Literal["qwen2_5_vl", "qwen2_vl", "siglip", "clip", "compression_first"]
 # The projector from vision features to the LM width: merge_mlp (Qwen's norm, 2x2 merge,
 # 2-layer GELU MLP), pixel_shuffle (merge s x s patches, one linear; Idefics3 / SmolVLM /
 # SiQ-VL), mlp (LLaVA's 2-layer GELU MLP on every patch).
@@ -158,6 +161,20 @@ FP8_RECIPES = get_args(FP8Recipe)
 
 
 @dataclass
+class WindowStageConfig:
+    """compression_first's first stage: a window-attention ViT over the patches (SAM's role in
+    DeepSeek-OCR), before the compressor. Its windows are model.vision.window_size pixels a side,
+    its norm and MLP the tower's."""
+
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_attention_heads: int = 0
+    ffn_hidden_size: int = 0
+    # 0-based layers of this stage that attend over the whole image; the rest use windows.
+    full_attention_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
 class VisionConfig:
     kind: VisionKind = "qwen2_5_vl"
     num_layers: int = 4
@@ -193,6 +210,12 @@ class VisionConfig:
     # null: the kind's own (OpenAI CLIP's statistics for qwen2_5_vl, qwen2_vl and clip; 0.5 for siglip).
     image_mean: Optional[list[float]] = None
     image_std: Optional[list[float]] = None
+    # kind compression_first only: the window stage before the compressor, with windows of
+    # window_size pixels. The compressor merges spatial_merge_size x spatial_merge_size patches
+    # into one token of hidden_size (a convolution whose kernel equals its stride), and num_layers,
+    # hidden_size, num_attention_heads and ffn_hidden_size size the global stage after it, whose
+    # learned positions are image_size // (patch_size * spatial_merge_size) a side.
+    window_stage: WindowStageConfig = field(default_factory=WindowStageConfig)
 
 
 @dataclass

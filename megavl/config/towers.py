@@ -36,6 +36,9 @@ class TowerTraits:
     patch_bias: bool = False  # the patch embedding has a bias
     # A temporal_patch_size the kind requires (still-image towers take one frame), or None.
     temporal_patch_size: Optional[int] = None
+    # The tower itself merges spatial_merge_size**2 patches into each output token (its compressor),
+    # after a window stage (model.vision.window_stage); the projector then maps every token.
+    compresses: bool = False
     # The pixel statistics the kind's pretrained towers were trained with (model.vision.image_mean / std).
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
@@ -48,6 +51,10 @@ TOWERS = {
                           patch_bias=True, temporal_patch_size=1, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
     "clip": TowerTraits(norm="layernorm", mlp="gelu_quick", positions="learned", windows=False,
                         class_token=True, pre_norm=True, temporal_patch_size=1),
+    # windows=False: the stage after the compressor attends over whole images; the window stage's
+    # windows are window_stage_windowed_layers'.
+    "compression_first": TowerTraits(norm="layernorm", mlp="gelu_quick", positions="learned", windows=False,
+                                     patch_bias=True, temporal_patch_size=1, compresses=True),
 }
 
 
@@ -71,10 +78,30 @@ def windowed_layers(vision: VisionConfig) -> set[int]:
 
 
 def position_grid_side(vision: VisionConfig) -> int:
-    """Patches per side of a learned position table (0 for RoPE towers)."""
+    """Rows per side of the learned position table of the tower's (last) stage: patches, or for a
+    compressing tower compressed tokens (0 for RoPE towers)."""
     if tower_traits(vision).positions != "learned":
         return 0
-    return vision.image_size // vision.patch_size
+    side = vision.image_size // vision.patch_size
+    return side // vision.spatial_merge_size if tower_traits(vision).compresses else side
+
+
+def window_stage_grid_side(vision: VisionConfig) -> int:
+    """Patches per side of a compressing tower's window-stage position table (0 for other towers)."""
+    return vision.image_size // vision.patch_size if tower_traits(vision).compresses else 0
+
+
+def window_stage_windowed_layers(vision: VisionConfig) -> set[int]:
+    """0-based layers of a compressing tower's window stage that attend within windows."""
+    if not tower_traits(vision).compresses:
+        return set()
+    stage = vision.window_stage
+    return set(range(stage.num_layers)) - set(stage.full_attention_layers)
+
+
+def tower_output_rows(patches: int, vision: VisionConfig) -> int:
+    """Rows the tower emits for `patches` patches: one per patch, or one per compressed block."""
+    return patches // vision.spatial_merge_size**2 if tower_traits(vision).compresses else patches
 
 
 def adapter_norm(adapter: AdapterConfig) -> str:
@@ -94,6 +121,37 @@ def adapter_ffn_hidden_size(config: Config) -> Optional[int]:
     if a.kind == "mlp":
         return config.model.lm.hidden_size
     return v.hidden_size * v.spatial_merge_size**2
+
+
+def _window_stage_problems(config: Config, traits: TowerTraits) -> list[str]:
+    v, s = config.model.vision, "model.vision.window_stage"
+    stage = v.window_stage
+    if not traits.compresses:
+        return [f"{s}.num_layers = {stage.num_layers}: only model.vision.kind = compression_first has a window "
+                "stage; set it to 0"] if stage.num_layers else []
+    problems = []
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+        if getattr(stage, name) < 1:
+            problems.append(f"{s}.{name} = {getattr(stage, name)}: model.vision.kind = compression_first needs a "
+                            "window stage (e.g. SAM-base's 12 layers of 768 with 12 heads and 3072 MLP)")
+    if problems:
+        return problems
+    tp = config.parallel.tensor
+    if stage.hidden_size % stage.num_attention_heads or (stage.hidden_size // stage.num_attention_heads) % 2:
+        problems.append(f"{s}.hidden_size = {stage.hidden_size}: must split into num_attention_heads = "
+                        f"{stage.num_attention_heads} heads of an even width")
+    for name in ("num_attention_heads", "ffn_hidden_size"):
+        if getattr(stage, name) % tp:
+            problems.append(f"{s}.{name} = {getattr(stage, name)}: must be divisible by parallel.tensor ({tp})")
+    bad = [i for i in stage.full_attention_layers if not 0 <= i < stage.num_layers]
+    if bad:
+        problems.append(f"{s}.full_attention_layers = {stage.full_attention_layers}: indices {bad} are outside "
+                        f"[0, {stage.num_layers})")
+    side = v.image_size // v.patch_size if v.patch_size else 0
+    if v.spatial_merge_size and side % v.spatial_merge_size:
+        problems.append(f"model.vision.image_size = {v.image_size}: its {side} x {side} patch table must split into "
+                        f"the compressor's {v.spatial_merge_size} x {v.spatial_merge_size} blocks")
+    return problems
 
 
 def tower_problems(config: Config) -> list[str]:
@@ -139,7 +197,13 @@ def tower_problems(config: Config) -> list[str]:
         elif name == "image_std" and min(value) <= 0:
             problems.append(f"{s}.{name} = {value}: every value must be > 0")
     merge = v.spatial_merge_size
-    if a.kind == "mlp" and merge != 1:
+    problems += _window_stage_problems(config, traits)
+    if traits.compresses and a.kind != "mlp":
+        problems.append(
+            f"model.adapter.kind = {a.kind}: {s}.kind = {v.kind} merges {merge} x {merge} patches in its own "
+            "compressor; its tokens are projected one by one (model.adapter.kind = mlp)"
+        )
+    if a.kind == "mlp" and merge != 1 and not traits.compresses:
         problems.append(
             f"{s}.spatial_merge_size = {merge}: model.adapter.kind = mlp projects every patch to its own "
             "LM token; set it to 1 (or use pixel_shuffle / merge_mlp to merge patches)"

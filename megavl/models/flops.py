@@ -23,6 +23,10 @@ What is counted, per microbatch of b rows of s positions:
 * Vision towers with a class token (CLIP) run their layers over one more row
   per image, which also attends and is attended to within its image; towers
   without windows (SigLIP, CLIP) attend over the whole image in every layer.
+* A compressing tower (compression_first): the patch embedding and its window stage's
+  layers over the patches (windows as above, at the stage's width), the compressor's linear
+  over the compressed tokens (patches / merge^2), then its global layers over those tokens,
+  attending over each image's tokens.
 * Adapter (``model.adapter.kind``): merge_mlp's two linears over the merged
   tokens (patches / merge^2), pixel_shuffle's one linear over them, mlp's two
   linears over every patch.
@@ -50,12 +54,15 @@ the CPU computes all s^2 pairs; flex attention skips only whole masked blocks).
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from megavl.config import Config, VisionConfig, lm_head_dim
-from megavl.config.towers import adapter_ffn_hidden_size, tower_traits, windowed_layers
+from megavl.config.towers import (
+    adapter_ffn_hidden_size, tower_output_rows, tower_traits, window_stage_windowed_layers, windowed_layers,
+)
 from megavl.models.inputs import PAD_DOCUMENT_ID, TEXT_IMAGE_ID, Microbatch
 
 __all__ = ["ModelFlops", "lm_attention_pairs", "microbatch_flops", "vision_attention_pairs"]
@@ -136,24 +143,41 @@ def lm_attention_pairs(batch: Microbatch, bidirectional_images: bool) -> int:
     return pairs
 
 
-def vision_attention_pairs(grid_thw: torch.Tensor, vision: VisionConfig) -> tuple[int, int]:
-    """(pairs of one full-attention layer, pairs of one windowed layer) over the images of a microbatch.
-
-    A tower with a class token (CLIP) attends over each image's patches and its class token."""
-    if grid_thw is None or len(grid_thw) == 0:
-        return 0, 0
+def _pairs(grid_thw: torch.Tensor, extra_rows: int, window_side: int) -> tuple[int, int]:
+    """(full, windowed) pairs over grids of (t, h, w) rows, each image with extra_rows more rows in
+    full attention, windows of window_side rows a side (0: none)."""
     t, h, w = grid_thw.cpu().to(torch.int64).unbind(-1)
-    full = int(((t * h * w + int(tower_traits(vision).class_token)) ** 2).sum())
-    if not tower_traits(vision).windows:
+    full = int(((t * h * w + extra_rows) ** 2).sum())
+    if not window_side:
         return full, full
-    side = vision.window_size // vision.patch_size
 
     def squared_window_sides(n: torch.Tensor) -> torch.Tensor:
         # Whole windows of `side` patches, then the remainder at the image's edge.
-        return (n // side) * side * side + (n % side) ** 2
+        return (n // window_side) * window_side * window_side + (n % window_side) ** 2
 
-    windowed = int((t * squared_window_sides(h) * squared_window_sides(w)).sum())
-    return full, windowed
+    return full, int((t * squared_window_sides(h) * squared_window_sides(w)).sum())
+
+
+def vision_attention_pairs(grid_thw: torch.Tensor, vision: VisionConfig) -> tuple[int, int]:
+    """(pairs of one full-attention layer, pairs of one windowed layer) over the images of a microbatch.
+
+    A tower with a class token (CLIP) attends over each image's patches and its class token; a
+    compressing tower's (last) stage over each image's compressed tokens."""
+    if grid_thw is None or len(grid_thw) == 0:
+        return 0, 0
+    traits = tower_traits(vision)
+    if traits.compresses:
+        grid_thw = grid_thw.clone()
+        grid_thw[:, 1:] //= vision.spatial_merge_size
+    side = vision.window_size // vision.patch_size if traits.windows else 0
+    return _pairs(grid_thw, int(traits.class_token), side)
+
+
+def window_stage_attention_pairs(grid_thw: torch.Tensor, vision: VisionConfig) -> tuple[int, int]:
+    """(full, windowed) pairs of one layer of a compressing tower's window stage, over the patches."""
+    if grid_thw is None or len(grid_thw) == 0:
+        return 0, 0
+    return _pairs(grid_thw, 0, vision.window_size // vision.patch_size)
 
 
 @dataclass(frozen=True)
@@ -214,6 +238,21 @@ class _Count:
         self.flops[part] += 4 * pairs * width * (1 + 2 * grad)
 
 
+def _vision_layers(count: _Count, v: VisionConfig, rows: int, h: int, ffn: int, pairs: list[int],
+                   layer_trains: Sequence[bool], grad: bool) -> bool:
+    """Vision layers of width h over `rows` rows, layer i attending over pairs[i] (heads of
+    h / num_attention_heads, the tower's MLP kind); returns whether the output carries a gradient."""
+    fc1_out = 2 * ffn if v.mlp == "swiglu" else ffn
+    for attended, trains in zip(pairs, layer_trains, strict=True):
+        # Each linear reads a norm's output, and the norm's weight trains with its layer.
+        qkv = count.linear("vision", rows, h, 3 * h, grad or trains, trains)
+        count.attention("vision_attention", attended, h, qkv)
+        grad = count.linear("vision", rows, h, h, qkv, trains) or grad
+        hidden = count.linear("vision", rows, h, fc1_out, grad or trains, trains)
+        grad = count.linear("vision", rows, ffn, h, hidden, trains) or grad
+    return grad
+
+
 def _adapter_flops(count: _Count, config: Config, patches: int, grad: bool, trains: bool) -> bool:
     """The projector's linears (model.adapter.kind); returns whether its output carries a gradient."""
     a, v, lm = config.model.adapter, config.model.vision, config.model.lm
@@ -226,8 +265,9 @@ def _adapter_flops(count: _Count, config: Config, patches: int, grad: bool, trai
         return count.linear("adapter", merged, merged_width, lm.hidden_size, grad, trains)
     ffn = adapter_ffn_hidden_size(config)
     if a.kind == "mlp":
-        hidden = count.linear("adapter", patches, v.hidden_size, ffn, grad, trains)
-        return count.linear("adapter", patches, ffn, lm.hidden_size, hidden, trains)
+        rows = tower_output_rows(patches, v)  # every patch, or every compressed token
+        hidden = count.linear("adapter", rows, v.hidden_size, ffn, grad, trains)
+        return count.linear("adapter", rows, ffn, lm.hidden_size, hidden, trains)
     hidden = count.linear("adapter", merged, merged_width, ffn, grad, trains)
     return count.linear("adapter", merged, ffn, lm.hidden_size, hidden, trains)
 
@@ -243,21 +283,28 @@ def microbatch_flops(batch: Microbatch, config: Config) -> ModelFlops:
     image_grad = False
     if has_images:
         patches = int(grid.to(torch.int64).prod(dim=-1).sum())
-        # The layers also run over the class tokens, one per image (CLIP).
-        rows = patches + len(grid) * int(tower_traits(v).class_token)
+        traits = tower_traits(v)
         patch_inputs = v.in_channels * v.temporal_patch_size * v.patch_size**2
-        width = v.num_attention_heads * (v.hidden_size // v.num_attention_heads)
-        fc1_out = 2 * v.ffn_hidden_size if v.mlp == "swiglu" else v.ffn_hidden_size
+        grad = False
+        if traits.compresses:
+            # The window stage over the patches, then the compressor; they train with the patch embedding.
+            stage, stage_trains = v.window_stage, trains.patch_embedding
+            grad = count.linear("vision", patches, patch_inputs, stage.hidden_size, False, stage_trains)
+            full, windowed = window_stage_attention_pairs(grid, v)
+            pairs = [windowed if i in window_stage_windowed_layers(v) else full for i in range(stage.num_layers)]
+            grad = _vision_layers(count, v, patches, stage.hidden_size, stage.ffn_hidden_size, pairs,
+                                  [stage_trains] * stage.num_layers, grad)
+            tokens = tower_output_rows(patches, v)
+            merged = stage.hidden_size * v.spatial_merge_size**2
+            grad = count.linear("vision", tokens, merged, v.hidden_size, grad, stage_trains)
+        else:
+            grad = count.linear("vision", patches, patch_inputs, v.hidden_size, False, trains.patch_embedding)
+            tokens = patches
+        # The layers also run over the class tokens, one per image (CLIP).
+        rows = tokens + len(grid) * int(traits.class_token)
         full, windowed = vision_attention_pairs(grid, v)
-        windowed_layers_ = windowed_layers(v)
-        grad = count.linear("vision", patches, patch_inputs, v.hidden_size, False, trains.patch_embedding)
-        for index, layer_trains in enumerate(trains.vision_layers):
-            # Each linear reads a norm's output, and the norm's weight trains with its layer.
-            qkv = count.linear("vision", rows, v.hidden_size, 3 * width, grad or layer_trains, layer_trains)
-            count.attention("vision_attention", windowed if index in windowed_layers_ else full, width, qkv)
-            grad = count.linear("vision", rows, width, v.hidden_size, qkv, layer_trains) or grad
-            hidden = count.linear("vision", rows, v.hidden_size, fc1_out, grad or layer_trains, layer_trains)
-            grad = count.linear("vision", rows, v.ffn_hidden_size, v.hidden_size, hidden, layer_trains) or grad
+        pairs = [windowed if i in windowed_layers(v) else full for i in range(v.num_layers)]
+        grad = _vision_layers(count, v, rows, v.hidden_size, v.ffn_hidden_size, pairs, trains.vision_layers, grad)
         image_grad = _adapter_flops(count, config, patches, grad, trains.adapter)
 
     b, s = batch["tokens"].shape

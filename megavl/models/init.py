@@ -47,9 +47,14 @@ def _initial_value(key: str, shape: tuple, generator: torch.Generator, config: C
     if len(shape) == 1 and ("norm" in key):
         return torch.ones(shape, device=device)
     std = config.train.init_std
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")) and ".layers." in key:
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")) and (".layers." in key or ".window_layers." in key):
         # Residual-branch outputs are scaled down with depth (GPT-2 / megatron's scaled init).
-        layers = config.model.vision.num_layers if key.startswith("vision.") else config.model.lm.num_layers
+        if key.startswith("vision.window_layers."):
+            layers = config.model.vision.window_stage.num_layers
+        elif key.startswith("vision."):
+            layers = config.model.vision.num_layers
+        else:
+            layers = config.model.lm.num_layers
         std = std / math.sqrt(2.0 * layers)
     return torch.randn(shape, generator=generator, device=device) * std
 

@@ -7,7 +7,9 @@ A test checks these formulas against a model that is actually built.
 from __future__ import annotations
 
 from megavl.config import Config, lm_head_dim
-from megavl.config.towers import adapter_ffn_hidden_size, adapter_norm, position_grid_side, tower_traits
+from megavl.config.towers import (
+    adapter_ffn_hidden_size, adapter_norm, position_grid_side, tower_traits, window_stage_grid_side,
+)
 
 
 def _attention_mlp_layer(
@@ -31,16 +33,39 @@ def _attention_mlp_layer(
 Piece = tuple[str, int, str]
 
 
+def _vision_layer_pieces(v, n: int, h: int, ffn: int, label: str) -> list[Piece]:
+    """n vision layers of width h and MLP width ffn (the tower's norm and MLP kinds)."""
+    norm = 2 * h if v.norm == "layernorm" else h
+    fc1_out = 2 * ffn if v.mlp == "swiglu" else ffn
+    return [
+        (f"{label}{n} layers: norms", n * 2 * norm, "replicated"),
+        (f"{label}{n} layers: qkv weight + bias", n * (3 * h * h + 3 * h), "tensor"),
+        (f"{label}{n} layers: attention output weight", n * h * h, "tensor"),
+        (f"{label}{n} layers: attention output bias", n * h, "replicated"),
+        (f"{label}{n} layers: fc1 weight + bias", n * (fc1_out * h + fc1_out), "tensor"),
+        (f"{label}{n} layers: fc2 weight", n * ffn * h, "tensor"),
+        (f"{label}{n} layers: fc2 bias", n * h, "replicated"),
+    ]
+
+
 def vision_parameter_pieces(config: Config) -> list[Piece]:
     """The vision tower's parameters, by what holds them (model.vision.kind decides which exist)."""
     v = config.model.vision
     traits = tower_traits(v)
     h = v.hidden_size
     layer_norm = 2 * h  # LayerNorm: weight and bias
-    norm = layer_norm if v.norm == "layernorm" else h
-    fc1_out = 2 * v.ffn_hidden_size if v.mlp == "swiglu" else v.ffn_hidden_size
     patch = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
-    pieces: list[Piece] = [("patch embedding", h * patch + (h if traits.patch_bias else 0), "replicated")]
+    # A compressing tower embeds its patches at its window stage's width.
+    embed = v.window_stage.hidden_size if traits.compresses else h
+    pieces: list[Piece] = [("patch embedding", embed * patch + (embed if traits.patch_bias else 0), "replicated")]
+    if traits.compresses:
+        stage, side = v.window_stage, window_stage_grid_side(v)
+        pieces.append(("window stage: position embedding", side * side * stage.hidden_size, "replicated"))
+        pieces += _vision_layer_pieces(v, stage.num_layers, stage.hidden_size, stage.ffn_hidden_size,
+                                       "window stage: ")
+        merged = stage.hidden_size * v.spatial_merge_size**2
+        # A column-parallel linear: its bias is split with its columns.
+        pieces.append(("compressor weight + bias", merged * h + h, "tensor"))
     if traits.positions == "learned":
         side = position_grid_side(v)
         rows = side * side + int(traits.class_token)
@@ -49,16 +74,7 @@ def vision_parameter_pieces(config: Config) -> list[Piece]:
             pieces.append(("class embedding", h, "replicated"))
     if traits.pre_norm:
         pieces.append(("pre-layer norm", layer_norm, "replicated"))
-    n = v.num_layers
-    pieces += [
-        (f"{n} layers: norms", n * 2 * norm, "replicated"),
-        (f"{n} layers: qkv weight + bias", n * (3 * h * h + 3 * h), "tensor"),
-        (f"{n} layers: attention output weight", n * h * h, "tensor"),
-        (f"{n} layers: attention output bias", n * h, "replicated"),
-        (f"{n} layers: fc1 weight + bias", n * (fc1_out * h + fc1_out), "tensor"),
-        (f"{n} layers: fc2 weight", n * v.ffn_hidden_size * h, "tensor"),
-        (f"{n} layers: fc2 bias", n * h, "replicated"),
-    ]
+    pieces += _vision_layer_pieces(v, v.num_layers, h, v.ffn_hidden_size, "")
     if v.post_norm:
         pieces.append(("post-layer norm", layer_norm, "replicated"))
     return pieces

@@ -143,16 +143,30 @@ _VISION_MLP = {
 
 def vision_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
     v = config.model.vision
+    return _vision_stage_config(config, fused_kernels, v.num_layers, v.hidden_size, v.num_attention_heads,
+                                v.ffn_hidden_size)
+
+
+def window_stage_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
+    """The layers of a compression_first tower's window stage (model.vision.window_stage)."""
+    s = config.model.vision.window_stage
+    return _vision_stage_config(config, fused_kernels, s.num_layers, s.hidden_size, s.num_attention_heads,
+                                s.ffn_hidden_size)
+
+
+def _vision_stage_config(config: Config, fused_kernels: bool, layers: int, hidden: int, heads: int,
+                         ffn: int) -> TransformerConfig:
+    v = config.model.vision
     fields = _common(config, fused_kernels)
     fields.update(normalization=_VISION_NORMALIZATION[v.norm], **_VISION_MLP[v.mlp], **fp8_fields(config, "vision"))
     return TransformerConfig(
         **fields,
-        num_layers=v.num_layers,
-        hidden_size=v.hidden_size,
-        num_attention_heads=v.num_attention_heads,
-        num_query_groups=v.num_attention_heads,
-        ffn_hidden_size=v.ffn_hidden_size,
-        kv_channels=v.hidden_size // v.num_attention_heads,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        ffn_hidden_size=ffn,
+        kv_channels=hidden // heads,
         layernorm_epsilon=v.norm_eps,
         add_bias_linear=True,
         add_qkv_bias=True,

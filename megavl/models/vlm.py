@@ -20,7 +20,10 @@ from megavl.config import Config
 from megavl.models.adapter import build_adapter
 from megavl.models.modality import vision_tokens
 from megavl.models.specs import layer_spec, lm_block_spec
-from megavl.models.transformer_configs import lm_transformer_config, vision_transformer_config
+from megavl.config.towers import tower_traits
+from megavl.models.transformer_configs import (
+    lm_transformer_config, vision_transformer_config, window_stage_transformer_config,
+)
 from megavl.models.vision import VisionEncoder
 from megavl.models.vision_lora import VisionLoRASettings
 from megavl.platform.features import Platform, detect, layer_backend_for
@@ -48,11 +51,14 @@ class VisionLanguageModel(MegatronModule):
         if pre_process:
             vision_config = vision_transformer_config(config, fused_kernels=platform.cuda)
             vision = config.model.vision
+            window_config = (window_stage_transformer_config(config, fused_kernels=platform.cuda)
+                             if tower_traits(vision).compresses else None)
             self.vision = VisionEncoder(
                 vision_config,
                 vision,
                 layer_spec(layers, platform.attention_backend),
                 platform.attention_backend,
+                window_config=window_config,
             )
             self.adapter = build_adapter(config, vision_config)
 

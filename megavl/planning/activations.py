@@ -216,6 +216,8 @@ def _adapter_bytes(config: Config, patches: float, a: int) -> float:
         ffn = adapter_ffn_hidden_size(config) // tp
         return (_norm_bytes(patches, h, v.norm, a) + patches * a * h
                 + 2 * (patches / merge) * a * ffn)  # GELU's input and output
+    if tower_traits(v).compresses:
+        patches = patches / merge  # the tower's compressor has merged them already (an mlp projector)
     tokens = patches / merge if ad.kind == "pixel_shuffle" else patches
     saved = patches * a * h  # the first linear's input
     if norm == "before":
@@ -227,28 +229,43 @@ def _adapter_bytes(config: Config, patches: float, a: int) -> float:
     return saved
 
 
-def vision_tower_bytes(config: Config, patches: float, device: Device) -> dict[str, float]:
-    """The vision encoder and adapter for `patches` patches (all images of a microbatch packed as one sequence)."""
-    v, p = config.model.vision, config.parallel
+def _vision_layer_bytes(config: Config, rows: float, h: int, heads: int, ffn: int, device: Device) -> float:
+    """One vision layer of width h (heads heads, MLP width ffn) over `rows` rows, on one TP rank."""
+    v, tp = config.model.vision, config.parallel.tensor
     a = activation_bytes_per_element(config)
-    h, tp = v.hidden_size, p.tensor
-    d, heads = h // v.num_attention_heads, v.num_attention_heads // tp
-    ffn = v.ffn_hidden_size // tp
-    pixels = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+    d, heads, ffn = h // heads, heads // tp, ffn // tp
     # fc1's output (+ bias); SwiGLU also keeps SiLU(gate) and up. megatron compiles
     # QuickGELU, whose compiled backward recomputes the sigmoid from the input.
     activation = 4 * ffn if v.mlp == "swiglu" else ffn
-    per_layer = (2 * _norm_bytes(patches, h, v.norm, a)
-                 + patches * a * h * 2  # QKV and fc1 inputs
-                 + patches * 4 * a * d
-                 + _attention_core_bytes(patches, heads, heads, d, a, 1, patches, device)
-                 + patches * a * (activation + ffn))
+    return (2 * _norm_bytes(rows, h, v.norm, a)
+            + rows * a * h * 2  # QKV and fc1 inputs
+            + rows * 4 * a * d
+            + _attention_core_bytes(rows, heads, heads, d, a, 1, rows, device)
+            + rows * a * (activation + ffn))
+
+
+def vision_tower_bytes(config: Config, patches: float, device: Device) -> dict[str, float]:
+    """The vision encoder and adapter for `patches` patches (all images of a microbatch packed as one sequence)."""
+    v = config.model.vision
+    a = activation_bytes_per_element(config)
+    h = v.hidden_size
+    pixels = v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+    rows, layers = patches, 0.0
+    if tower_traits(v).compresses:
+        # The window stage over the patches, then the compressor's input; the global stage below
+        # runs over the compressed tokens.
+        stage = v.window_stage
+        layers += stage.num_layers * _vision_layer_bytes(config, patches, stage.hidden_size,
+                                                         stage.num_attention_heads, stage.ffn_hidden_size, device)
+        layers += patches * a * stage.hidden_size
+        rows = patches / v.spatial_merge_size**2
     # Towers without rotary positions keep no rotated Q and K (their attention core saves
-    # 4 * d fewer elements per row than the inventory above assumes), and a class token per
+    # 4 * d fewer elements per row than the inventory assumes), and a class token per
     # image adds a row per image; both are small beside the MLP's share and not modelled.
     # The LayerNorms before the first layer (CLIP) and after the last (post_norm) are.
-    tower_norms = _norm_bytes(patches, h, "layernorm", a) * (int(tower_traits(v).pre_norm) + int(v.post_norm))
-    layers = v.num_layers * per_layer + tower_norms
+    tower_norms = _norm_bytes(rows, h, "layernorm", a) * (int(tower_traits(v).pre_norm) + int(v.post_norm))
+    layers += v.num_layers * _vision_layer_bytes(config, rows, h, v.num_attention_heads, v.ffn_hidden_size, device)
+    layers += tower_norms
     return {"patch pixels": patches * a * pixels, "vision layers": layers, "adapter": _adapter_bytes(config, patches, a)}
 
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megavl.config import Config, lm_head_dim
-from megavl.config.towers import windowed_layers
+from megavl.config.towers import tower_traits, window_stage_windowed_layers, windowed_layers
+from megavl.models.param_count import vision_parameter_pieces
 from megavl.planning.activations import Recompute, vision_budget
 from megavl.planning.hardware import Cluster
 from megavl.planning.parameters import model_parameters
@@ -39,7 +40,8 @@ FORMULAS = (
     "T: tokens per step; causal attention over each packed row of s tokens, L layers of n heads of d)",
     "vision: 6 * (N_vision * patches + N_adapter * vision tokens) + 12 * n * m * hidden per image and layer, "
     "every pack filled to its vision budget (an upper bound) with images of n patches (the largest the "
-    "resolution policy gives); m = n in full-attention layers, min(n, window patches) in windowed ones",
+    "resolution policy gives, a tile when it tiles); m = n in full-attention layers, min(n, window patches) in windowed ones; "
+    "a compressing tower's window stage per patch and its global stage per compressed token",
     "step time = FLOPs / (GPUs * peak bf16 dense * MFU) * (1 + (PP - 1) / microbatches per step)",
 )
 
@@ -83,13 +85,30 @@ def step_flops(config: Config, recompute: Recompute = "none") -> StepFlops:
     vision_tokens = t.global_batch_size * budget.tokens_per_pack
     merge = v.spatial_merge_size**2
     patches = vision_tokens * merge
-    vision_dense = 6 * params["vision"].total * patches + 6 * params["adapter"].total * vision_tokens
     per_image = budget.patches_per_image(config)
+    if config.data.resolution.mode == "tiling":
+        # Each tile (and the global view) is an image of its own to the tower's attention.
+        per_image = min(per_image, (config.data.resolution.tile_size // v.patch_size) ** 2)
     images = patches / per_image if per_image else 0
     window = (v.window_size // v.patch_size) ** 2
-    windowed = len(windowed_layers(v))
-    attended = (v.num_layers - windowed) * per_image + windowed * min(per_image, window)
-    vision_attention = 3 * images * 4 * per_image * attended * v.hidden_size
+    if tower_traits(v).compresses:
+        # The window stage (and patch embedding, compressor) per patch, the global stage per token.
+        stage = v.window_stage
+        per_patch = sum(count for name, count, _ in vision_parameter_pieces(config)
+                        if name.startswith(("patch embedding", "window stage")))
+        per_token = params["vision"].total - per_patch
+        vision_dense = 6 * (per_patch * patches + per_token * vision_tokens)
+        windowed = len(window_stage_windowed_layers(v))
+        stage_attended = (stage.num_layers - windowed) * per_image + windowed * min(per_image, window)
+        tokens_per_image = per_image / merge
+        vision_attention = 3 * images * 4 * (per_image * stage_attended * stage.hidden_size
+                                             + tokens_per_image * v.num_layers * tokens_per_image * v.hidden_size)
+    else:
+        vision_dense = 6 * params["vision"].total * patches
+        windowed = len(windowed_layers(v))
+        attended = (v.num_layers - windowed) * per_image + windowed * min(per_image, window)
+        vision_attention = 3 * images * 4 * per_image * attended * v.hidden_size
+    vision_dense += 6 * params["adapter"].total * vision_tokens
 
     recompute_flops = 0.0
     if recompute == "full":
