@@ -37,6 +37,9 @@ LAYOUTS = {
     "siq_vl.yaml": {8: (8, [24], 16, None)},
     "smolvlm_like.yaml": {8: (8, [24], 16, None)},
     "llava_1_5_like.yaml": {8: (4, [32], 8, None)},
+    "roaya_vl_like.yaml": {8: (8, [28], 16, None)},
+    "tiny_smolvlm_cpu.yaml": {1: (1, [4], 2, None), 2: (2, [4], 1, None)},
+    "tiny_roaya_cpu.yaml": {1: (1, [4], 2, None), 2: (2, [4], 1, None)},
 }
 
 
@@ -153,10 +156,39 @@ def test_zaya1_recipe_stages_chain_and_follow_the_recipe():
     ("siq_vl.yaml", [], 494_032_768),  # Qwen2.5-0.5B
     ("smolvlm_like.yaml", ["model.lm.vocab_size=49152"], 1_711_376_384),  # SmolLM2-1.7B
     ("llava_1_5_like.yaml", ["model.lm.vocab_size=32000"], 6_738_415_616),  # Llama-2-7B / Vicuna-7B v1.5
+    ("roaya_vl_like.yaml", [], 1_543_714_304),  # Qwen2.5-1.5B
 ])
 def test_recipe_language_models_have_their_published_parameter_counts(name, overrides, published):
     config = load_config(str(CONFIGS / name), overrides)
     assert parameter_counts(config)["language_model"] == published
+
+
+def test_the_compression_first_recipe_tower_weight_by_weight():
+    """SAM-base's shape over 64 x 64 patches, the 16x compressor, CLIP-L's shape over 16 x 16 tokens."""
+    config = load_config(str(CONFIGS / "roaya_vl_like.yaml"))
+
+    def layer(h, ffn):  # LayerNorms, biased QKV / projection / QuickGELU MLP
+        return 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h)
+
+    window_stage = (768 * 3 * 16 * 16 + 768) + 64 * 64 * 768 + 12 * layer(768, 3072)
+    compressor = 16 * 768 * 1024 + 1024
+    global_stage = 16 * 16 * 1024 + 24 * layer(1024, 4096) + 2 * 1024
+    counts = parameter_counts(config)
+    assert counts["vision"] == window_stage + compressor + global_stage == 403_948_288
+    assert counts["adapter"] == (1024 * 1536 + 1536) + (1536 * 1536 + 1536)
+    # 1024 px -> 256 tokens, 1280 px -> 400 tokens.
+    from megavl.data.resolution import plan_image, vision_token_count
+
+    unit = 16 * 4
+    for side, tokens in ((1024, 256), (1280, 400)):
+        fixed = load_config(str(CONFIGS / "roaya_vl_like.yaml"), ["data.resolution.mode=fixed",
+                                                                  f"data.resolution.fixed_tokens={tokens}"])
+        plan = plan_image(side, side, fixed.data.resolution, unit)
+        assert plan.canvas == (side, side) and vision_token_count(plan, unit) == tokens
+    # The tiny regime: 96 tokens, an 8 x 12 grid.
+    tiny = load_config(str(CONFIGS / "roaya_vl_like.yaml"), ["data.resolution.mode=fixed",
+                                                             "data.resolution.fixed_tokens=96"])
+    assert plan_image(600, 900, tiny.data.resolution, unit).canvas == (512, 768)
 
 
 def test_recipe_projectors_weight_by_weight():
@@ -171,3 +203,15 @@ def test_recipe_projectors_weight_by_weight():
     layer = 2 * 2 * 1152 + (3 * 1152 * 1152 + 3 * 1152) + (1152 * 1152 + 1152) + (1152 * 4304 + 4304) \
         + (4304 * 1152 + 1152)
     assert siq["vision"] == (1152 * 3 * 14 * 14 + 1152) + 729 * 1152 + 27 * layer + 2 * 1152
+
+
+@pytest.mark.parametrize("name", ["siq_vl.yaml", "smolvlm_like.yaml", "llava_1_5_like.yaml", "roaya_vl_like.yaml"])
+def test_the_seed_recipes_fit_one_node_of_8_h100(name):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), "--config", str(CONFIGS / name),
+                             "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h100"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "FITS" in result.stdout
