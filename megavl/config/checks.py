@@ -66,39 +66,28 @@ def _check_choices(c: _Checks, section: Any, prefix: str) -> None:
                           + (" (or null)" if optional else ""))
 
 
-def _head_dim_checks(c: _Checks, section: str, hidden: int, heads: int, tp: int) -> Optional[int]:
-    """Checks shared by both transformers; returns head_dim when it is sound."""
+def _head_dim_checks(c: _Checks, section: str, hidden: int, heads: int, tp: int,
+                     head_dim: Optional[int] = None) -> Optional[int]:
+    """Checks shared by both transformers; returns the head width when it is sound. head_dim: a
+    width set apart from the hidden size (model.lm.head_dim), else hidden / heads."""
     ok = c.at_least(f"{section}.hidden_size", hidden, 1)
     ok = c.at_least(f"{section}.num_attention_heads", heads, 1) and ok
-    if not ok:
-        return None
-    c.divisible(f"{section}.num_attention_heads", heads, "parallel.tensor", tp)
-    if not c.divisible(f"{section}.hidden_size", hidden, f"{section}.num_attention_heads", heads):
-        return None
-    head_dim = hidden // heads
-    # Rotary embeddings rotate pairs of channels.
-    if not c.require(
-        head_dim % 2 == 0,
-        f"{section}.hidden_size / {section}.num_attention_heads = {hidden}/{heads} "
-        f"= head dim {head_dim}: must be even for rotary embeddings",
-    ):
-        return None
-    return head_dim
-
-
-def _explicit_head_dim_checks(c: _Checks, section: str, lm, tp: int) -> Optional[int]:
-    """The checks of an LM whose head width is set apart from its hidden size (model.lm.head_dim)."""
-    ok = c.at_least(f"{section}.hidden_size", lm.hidden_size, 1)
-    ok = c.at_least(f"{section}.num_attention_heads", lm.num_attention_heads, 1) and ok
     if ok:
-        c.divisible(f"{section}.num_attention_heads", lm.num_attention_heads, "parallel.tensor", tp)
-    if not c.at_least(f"{section}.head_dim", lm.head_dim, 2):
+        c.divisible(f"{section}.num_attention_heads", heads, "parallel.tensor", tp)
+    if head_dim is None:
+        if not ok or not c.divisible(f"{section}.hidden_size", hidden, f"{section}.num_attention_heads", heads):
+            return None
+        head_dim = hidden // heads
+        width = f"{section}.hidden_size / {section}.num_attention_heads = {hidden}/{heads} = head dim {head_dim}"
+        fix = ""
+    else:
+        if not c.at_least(f"{section}.head_dim", head_dim, 2):
+            return None
+        width, fix = f"{section}.head_dim = {head_dim}", " (or null for hidden_size / num_attention_heads)"
+    # Rotary embeddings rotate pairs of channels.
+    if not c.require(head_dim % 2 == 0, f"{width}: must be even for rotary embeddings{fix}"):
         return None
-    if not c.require(lm.head_dim % 2 == 0,
-                     f"{section}.head_dim = {lm.head_dim}: must be even for rotary embeddings (or null for "
-                     f"hidden_size / num_attention_heads)"):
-        return None
-    return lm.head_dim if ok else None
+    return head_dim if ok else None
 
 
 def _check_vision(c: _Checks, config: Config) -> None:
@@ -166,8 +155,7 @@ def _check_lm(c: _Checks, config: Config) -> None:
     tp = config.parallel.tensor
     s = "model.lm"
     c.at_least(f"{s}.num_layers", m.num_layers, 1)
-    head_dim = (_head_dim_checks(c, s, m.hidden_size, m.num_attention_heads, tp) if m.head_dim is None
-                else _explicit_head_dim_checks(c, s, m, tp))
+    head_dim = _head_dim_checks(c, s, m.hidden_size, m.num_attention_heads, tp, m.head_dim)
     if c.at_least(f"{s}.num_query_groups", m.num_query_groups, 1):
         c.divisible(f"{s}.num_query_groups", m.num_query_groups, "parallel.tensor", tp)
         if m.num_attention_heads >= 1:

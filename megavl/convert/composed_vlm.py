@@ -11,6 +11,7 @@ images made at the tower's size (both models see the same pixels, so preprocessi
 
 from __future__ import annotations
 
+import abc
 import gc
 from typing import Iterable, Optional, Sequence
 
@@ -153,8 +154,9 @@ class ComposedVLMArchitecture(Architecture):
         """Why the class cannot read config's tower and projector (beyond image_problems)."""
         return []
 
+    @abc.abstractmethod
     def adapter_mappings(self, config: Config) -> list[Mapping]:
-        raise NotImplementedError
+        """The projector's mappings, in the class's names."""
 
     def export_problems(self, config: Config) -> list[str]:
         problems = image_problems(config, self.name, self.tower_kinds, self.resolution_modes)
@@ -177,9 +179,9 @@ class ComposedVLMArchitecture(Architecture):
 
     # -- verification ------------------------------------------------------
 
+    @abc.abstractmethod
     def hf_forward(self, hf_model, input_ids: torch.Tensor, pictures: list[torch.Tensor]) -> torch.Tensor:
         """[1, tokens, vocab] logits of the Hugging Face model on one document and its [3, S, S] images."""
-        raise NotImplementedError
 
     def verify(self, hf_dirs: Sequence[str], config: Config, megavl_dir: str, reserved: Iterable[int],
                tolerance: float = DEFAULT_TOLERANCE) -> VerifyResult:
