@@ -119,6 +119,7 @@ def train(config) -> None:
     metrics.message(layout.describe())
     config = with_resume_resolved(config, metrics)
     config = _with_image_backend_chosen(config, metrics)
+    config = _with_decode_place_chosen(config, metrics)
 
     # 2. Model, optimizer and schedule.
     model = build_model(config)
@@ -210,6 +211,7 @@ def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "tr
     """The training stream (balanced across DP ranks when configured), or a fresh validation stream."""
     from megavl.data.distribute import StepBatches
     from megavl.data.energon_stream import EnergonDataStream
+    from megavl.platform.features import detect
 
     training = split == "train"
     path = config.data.train_path if training else config.data.val_path
@@ -218,6 +220,7 @@ def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "tr
                                               split=split, max_pixels=max_pixels),
         microbatches, layout.data_rank, layout.data, config.data.layout_invariant,
         balance=training and config.data.balance_vision_tokens, group=_data_parallel_group() if training else None,
+        device=detect().device,
     )
 
 
@@ -282,6 +285,21 @@ def _with_image_backend_chosen(config, metrics):
     dist.broadcast_object_list(choice, src=0)
     metrics.message(f"image back end: {choice[0]} (data.image_backend = auto)")
     return replace_field(config, "data.image_backend", choice[0])
+
+
+def _with_decode_place_chosen(config, metrics):
+    """Resolves data.decode_images_in = auto for this run's device (the same on every rank)."""
+    from megavl.config import replace_field
+    from megavl.data.trainer_decode import decode_place
+    from megavl.platform.features import detect
+
+    device = detect().device
+    place = decode_place(config, device)
+    where = (f"in the training process on {device}, after the loader" if place == "trainer"
+             else "in the data loader, on the CPU")
+    metrics.message(f"images decoded {where} (data.decode_images_in = {config.data.decode_images_in}, "
+                    f"back end {config.data.image_backend})")
+    return replace_field(config, "data.decode_images_in", place)
 
 
 def _max_pixel_cap(config):

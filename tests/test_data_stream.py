@@ -3,8 +3,10 @@ blending, per-dataset resolution, the max-pixel schedule and the failure-rate st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import pickle
 import random
 import re
 from collections import Counter
@@ -15,7 +17,10 @@ import webdataset as wds
 
 from conftest import tiny_tokenizer
 from megavl.config import Config, ConfigError
+from megavl.config import config_from_dict, validate
+from megavl.data.distribute import StepBatches
 from megavl.data.energon_stream import DataFailureRateError, EnergonDataStream, check_failure_rates
+from megavl.data.trainer_decode import TrainerImageDecoder, decode_place
 from megavl.datasets.energon_meta import write_energon_metadata
 from test_images import image_bytes
 
@@ -354,3 +359,72 @@ def test_object_storage_urls_read_like_local_paths(datasets, tokenizer, tmp_path
     local = stream(datasets["val"], tokenizer, split="val")
     assert_same_batches(list(local), list(remote))
     assert remote.stats.read == local.stats.read
+
+
+# -- decoding in the training process (data.decode_images_in = trainer) ------------------------
+
+
+def _tiled_config(**data):
+    config = make_config(max_images_per_pack=16, **data)
+    config.data.resolution = dataclasses.replace(config.data.resolution, mode="tiling", tile_size=56, max_tiles=4,
+                                                 thumbnail=True, tile_tags=True)
+    return config
+
+
+@pytest.mark.parametrize("backend, workers", [("pillow", 0), ("dali", 2)])
+def test_decoding_in_the_trainer_gives_the_loaders_batches(tmp_path, tokenizer, backend, workers):
+    """The same back end gives the same microbatches decoded in the loader or after it, tiles and
+    thumbnails included; the undecoded batch survives pickling (balancing sends it to other ranks)."""
+    path = _plain_dataset(tmp_path / "photos", "photo", 10, images=2)
+    loader = stream(path, tokenizer, _tiled_config(image_backend=backend, num_workers=workers))
+    trainer = stream(path, tokenizer, _tiled_config(image_backend=backend, num_workers=workers,
+                                                    decode_images_in="trainer"))
+    assert (loader.decode_in_trainer, trainer.decode_in_trainer) == (False, True)
+    decoder = TrainerImageDecoder(trainer.config, torch.device("cpu"))
+    expected, decoded = [], []
+    for _ in range(4):
+        expected.append(next(loader))
+        batch = pickle.loads(pickle.dumps(next(trainer)))
+        assert batch["pixel_values"] is None and batch["encoded_images"]
+        assert decoder.decode(batch) == []
+        decoded.append(batch)
+    assert sum(b["image_grid_thw"].shape[0] for b in expected) > 8  # several parts per image
+    assert_same_batches(expected, decoded)
+
+
+def test_an_image_that_fails_in_the_trainer_masks_its_record_and_is_counted(datasets, tokenizer, caplog):
+    """The truncated image passes the header check in the loader and fails when the trainer decodes it:
+    its record stays in the row with no loss, the rest train, and the counts equal the loader's."""
+    config = make_config(decode_images_in="trainer")
+    batches_of = StepBatches(lambda rank, world: stream(datasets["val"], tokenizer, config, split="val"),
+                             microbatches=1, dp_rank=0, dp_size=1, layout_invariant=True)
+    with caplog.at_level(logging.WARNING, logger="megavl.data.energon_stream"):
+        batches = []
+        while step := batches_of.next_step():
+            batches += step
+    assert sorted(key for batch in batches for key in keys_in(batch, tokenizer)) == sorted(GOOD_KEYS)
+    assert batches_of.stats.skipped == {"bad_image": 1, "missing_image": 1, "bad_json": 1, "too_long": 1}
+    assert batches_of.stats.read == {"val": 25}
+    assert any("'bad-image'" in r.getMessage() and "bad_image (img0:" in r.getMessage() for r in caplog.records)
+    masked = []
+    for batch in batches:
+        assert batch["pixel_values"] is None or batch["pixel_values"].shape[0] == int(
+            batch["image_grid_thw"].prod(dim=1).sum())
+        for row, (tokens, docs) in enumerate(zip(batch["tokens"], batch["document_ids"])):
+            for doc in docs.unique().tolist():
+                text = tokenizer.decode(tokens[docs == doc].tolist())
+                if doc >= 0 and "answer for bad-image" in text:
+                    masked.append(bool(batch["loss_mask"][row][docs == doc].any()))
+                elif doc >= 0:
+                    assert batch["loss_mask"][row][docs == doc].any()
+    assert masked == [False]
+
+
+def test_auto_decodes_in_the_trainer_only_for_dali_on_cuda():
+    config = make_config(decode_images_in="auto", image_backend="dali")
+    assert decode_place(config, torch.device("cuda", 0)) == "trainer"
+    assert decode_place(config, torch.device("cpu")) == "loader"
+    assert decode_place(make_config(decode_images_in="auto", image_backend="pillow"), torch.device("cuda", 0)) == "loader"
+    assert decode_place(make_config(decode_images_in="trainer"), torch.device("cpu")) == "trainer"
+    with pytest.raises(ConfigError, match=r"data.decode_images_in.*'gpu'"):
+        validate(config_from_dict({"data": {"decode_images_in": "gpu"}}), 1)

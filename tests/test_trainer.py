@@ -53,11 +53,16 @@ def reference_losses(data_dir, tmp_path_factory):
     return run, [r["loss"] for r in train], [r["answer_tokens"] for r in train]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2", NO_TASK_EVAL], []], ids=["TP2", "PP2", "DP2"])
+# DP2 decodes its images after the loader (data.decode_images_in = trainer), each rank its own
+# share of the balanced step, and exchanges the failures so both count the whole stream.
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2", NO_TASK_EVAL],
+                                    ["data.decode_images_in=trainer"]], ids=["TP2", "PP2", "DP2-trainer-decode"])
 def test_parallel_layouts_train_like_one_process(data_dir, tmp_path, reference_losses, layout):
     _, losses, tokens = reference_losses
     run = tmp_path / "run"
-    _train(2, _overrides(data_dir, run, steps=6, extra=layout))
+    stdout = _train(2, _overrides(data_dir, run, steps=6, extra=layout))
+    if "data.decode_images_in=trainer" in layout:
+        assert "images decoded in the training process on cpu, after the loader" in stdout
     train, _ = _metrics(run)
     assert [r["answer_tokens"] for r in train] == tokens
     assert [r["loss"] for r in train] == pytest.approx(losses, rel=1e-5)

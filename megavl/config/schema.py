@@ -57,6 +57,8 @@ __all__ = [
     "RESOLUTION_MODES",
     "FIXED_FITS",
     "IMAGE_BACKENDS",
+    "DecodePlace",
+    "DECODE_PLACES",
     "ResumeMode",
     "RESUME_MODES",
     "Stage",
@@ -110,6 +112,11 @@ ImagePositions = Literal["spatial", "sequential"]
 ResolutionMode = Literal["native", "fixed", "tiling"]
 FixedFit = Literal["pad", "resize"]
 ImageBackendName = Literal["auto", "dali", "pillow"]
+# Where a pack's images are decoded: in the data loader (its workers, or the training process
+# with num_workers 0), always on the CPU; or in the training process after the loader and the
+# vision-token balancing, on the training device (DALI's nvJPEG on a GPU). auto: the trainer
+# when the back end is DALI and training runs on CUDA, else the loader.
+DecodePlace = Literal["auto", "loader", "trainer"]
 # megatron's learning-rate decay after warmup; WSD holds the peak, then anneals at the end.
 LRDecayStyle = Literal["cosine", "linear", "constant", "WSD"]
 WSDDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
@@ -151,6 +158,7 @@ IMAGE_POSITIONS = get_args(ImagePositions)
 RESOLUTION_MODES = get_args(ResolutionMode)
 FIXED_FITS = get_args(FixedFit)
 IMAGE_BACKENDS = get_args(ImageBackendName)
+DECODE_PLACES = get_args(DecodePlace)
 RESUME_MODES = get_args(ResumeMode)
 LOSS_SCOPES = get_args(LossScope)
 STAGES = get_args(Stage)
@@ -378,6 +386,7 @@ class DataConfig:
     # the training process.
     num_workers: int = 0
     image_backend: ImageBackendName = "auto"
+    decode_images_in: DecodePlace = "auto"
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     max_pixels_schedule: MaxPixelScheduleConfig = field(default_factory=MaxPixelScheduleConfig)
     # Images larger than this are refused before decoding (decompression bombs).

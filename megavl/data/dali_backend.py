@@ -115,6 +115,10 @@ class DaliBackend(ImageBackend):
         self._pipelines: dict[bool, object] = {}
         self._pid = os.getpid()
 
+    @property
+    def output_device(self) -> torch.device:
+        return self._torch_device
+
     # The pipeline graph is fixed, so images with and without a thumbnail use
     # two pipelines rather than a dummy second resize.
     def _pipeline(self, with_thumbnail: bool):

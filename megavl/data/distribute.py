@@ -15,11 +15,19 @@ redistributed so that every rank gets about the same number of vision tokens
 whole step and computes the same assignment; sharded ranks exchange counts and
 microbatches. The step's loss is normalised over all its answer tokens, so
 which rank computes which microbatch does not change the gradient.
+
+Last, where the stream leaves decoding to the trainer (``data.decode_images_in``),
+this rank's microbatches get their pixels on the training device
+(trainer_decode.py): after the balancing, so that only encoded bytes are
+exchanged and each image is decoded once, by the rank that trains on it.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
 
 from megavl.data.balance import BalanceStats, balance_assignment, balance_step
 
@@ -30,7 +38,9 @@ def vision_tokens_of(batch: dict) -> int:
 
 class StepBatches:
     def __init__(self, make_stream: Callable[[int, int], object], microbatches: int, dp_rank: int,
-                 dp_size: int, layout_invariant: bool, balance: bool = False, group=None):
+                 dp_size: int, layout_invariant: bool, balance: bool = False, group=None,
+                 device: Optional[torch.device] = None):
+        """device: where images the stream leaves undecoded are decoded (None: CUDA when available)."""
         self.microbatches = microbatches
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.layout_invariant = layout_invariant
@@ -42,9 +52,32 @@ class StepBatches:
             self.stream = make_stream(0, 1)
         else:
             self.stream = make_stream(dp_rank, dp_size)
+        self.decoder = None
+        if getattr(self.stream, "decode_in_trainer", False):
+            from megavl.data.trainer_decode import TrainerImageDecoder
+
+            self.decoder = TrainerImageDecoder(self.stream.config, device)
 
     def next_step(self) -> list[dict]:
-        """This rank's microbatches of the next step; fewer than asked only when a finite stream ends."""
+        """This rank's microbatches of the next step, with their pixels; fewer than asked only
+        when a finite stream ends."""
+        batches = self._assigned()
+        if self.decoder is not None:
+            self._decode(batches)
+        return batches
+
+    def _decode(self, batches: list[dict]) -> None:
+        failures = [failure for batch in batches for failure in self.decoder.decode(batch)]
+        if self.layout_invariant and self.dp_size > 1 and self.group is not None:
+            # Every rank counts the whole global stream, so each learns the failures in the others'
+            # shares (they are disjoint); the counts then stay equal on all ranks.
+            gathered = [None] * self.dp_size
+            dist.all_gather_object(gathered, failures, group=self.group)
+            failures = [failure for rank_failures in gathered for failure in rank_failures]
+        self.stream.record_failures(failures)
+
+    def _assigned(self) -> list[dict]:
+        """The microbatches of the next step this rank trains on, as the stream gives them."""
         wanted = self.microbatches * (self.dp_size if self.layout_invariant else 1)
         taken = []
         for batch in self.stream:

@@ -66,6 +66,7 @@ from megavl.data.dataset_checks import (
     truncated_shards,
 )
 from megavl.data.task_encoder import energon, make_task_encoder
+from megavl.data.trainer_decode import decode_place
 
 logger = logging.getLogger(__name__)
 # Energon asks torch's DataLoader to pin memory, which warns on machines without an accelerator.
@@ -124,6 +125,10 @@ class DataStats:
         for name, reasons in failed.items():
             for reason, n in reasons.items():
                 self._count_failed(name, reason, n)
+
+    def count_failed(self, dataset: str, reason: str, n: int = 1) -> None:
+        """n records of dataset, already counted as read, that failed afterwards."""
+        self._count_failed(dataset, reason, n)
 
     def count_skipped(self, dataset: str, reason: str, n: int) -> None:
         """n records of dataset that were never read into a microbatch."""
@@ -187,6 +192,8 @@ class EnergonDataStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.split = split
         self.max_pixels = max_pixels
+        # Microbatches then carry encoded images for trainer_decode.TrainerImageDecoder.
+        self.decode_in_trainer = decode_place(config) == "trainer"
         self.stats = DataStats(seq_length=config.train.seq_length)
         self._count_skipped_shards()
         self._loader = self._build()
@@ -227,7 +234,7 @@ class EnergonDataStream:
         d = self.config.data
         worker_config = energon().WorkerConfig(rank=self.rank, world_size=self.world_size,
                                              num_workers=d.num_workers, seed_offset=self.seed)
-        encoder = make_task_encoder(self.config, self.tokenizer, self.seed, self.max_pixels)
+        encoder = make_task_encoder(self.config, self.tokenizer, self.seed, self.max_pixels, self.decode_in_trainer)
         common = dict(worker_config=worker_config, batch_size=self.config.train.micro_batch_size,
                       packing_buffer_size=d.packing_buffer_size, task_encoder=encoder)
         if self.split_config:
@@ -255,11 +262,17 @@ class EnergonDataStream:
             batch = next(self._iterator)
         stats = batch.pop("data_stats")
         batch.pop("__restore_key__", None)
-        for name, key, reason, detail in stats["failures"]:
-            logger.warning("skipped sample %r of dataset %r: %s (%s)", key, name, reason, detail)
+        _log_failures(stats["failures"])
         self.stats.add(stats)
         batch["vision_tokens"] = stats["vision_tokens"]
         return batch
+
+    def record_failures(self, failures: list[tuple[str, str, str, str]]) -> None:
+        """Counts and logs (dataset, key, reason, detail) failures found after the loader, in
+        records this stream already delivered (trainer_decode.py)."""
+        _log_failures(failures)
+        for name, _, reason, _ in failures:
+            self.stats.count_failed(name, reason)
 
     def set_max_pixels(self, max_pixels: Optional[int]) -> None:
         """Rebuilds the loader with another cap, continuing from the same position."""
@@ -305,3 +318,8 @@ class EnergonDataStream:
         self._restored = state["energon"]
         self._loader.restore_state_rank(state["energon"])
         self.stats.load_state_dict(state["stats"])
+
+
+def _log_failures(failures) -> None:
+    for name, key, reason, detail in failures:
+        logger.warning("skipped sample %r of dataset %r: %s (%s)", key, name, reason, detail)

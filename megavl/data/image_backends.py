@@ -17,7 +17,7 @@ Two back ends give the same pixels up to resampling round-off:
   images.image_to_model_input does and as Qwen2-VL's processor does).
 - DaliBackend decodes and resizes with NVIDIA DALI pipelines, on the CPU or,
   with device="gpu", with nvJPEG and GPU resizing; its pixels then stay on
-  the GPU. It uses DALI's cubic filter with antialiasing, the same kernel as
+  the GPU (in the training process, after the loader: trainer_decode.py). It uses DALI's cubic filter with antialiasing, the same kernel as
   Pillow's BICUBIC; what differs is rounding: Pillow stores the intermediate
   of its two separable passes as 8-bit and clips it, DALI keeps it in float.
   Measured on photos and drawings with sharp edges (PNG, JPEG; up- and
@@ -86,7 +86,8 @@ def select_backend(
         raise ValueError(f"data.image_backend = {name!r}: expected one of {', '.join(IMAGE_BACKENDS)}")
     on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     # Dataloader workers are forked, and a forked process cannot use CUDA: there DALI
-    # decodes on the CPU (data.num_workers = 0 keeps decoding on the GPU).
+    # decodes on the CPU. (The loader asks for the CPU anyway; GPU decoding happens after
+    # it, data.decode_images_in = trainer, megavl/data/trainer_decode.py.)
     on_cuda = on_cuda and torch.utils.data.get_worker_info() is None
     key = (os.getpid(), name, on_cuda, max_image_pixels)
     if key not in _SELECTED:

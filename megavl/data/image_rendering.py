@@ -142,6 +142,11 @@ class ImageBackend(abc.ABC):
             raise ValueError(f"max_image_pixels = {max_image_pixels} must be >= 1")
         self.max_image_pixels = max_image_pixels
 
+    @property
+    def output_device(self) -> torch.device:
+        """Where the rendered pixels are."""
+        return torch.device("cpu")
+
     def render(self, data: bytes, plan: ImagePlan) -> RenderedParts:
         """[(part.tag, float32 [3, h, w]) for each part of plan], in the plan's order.
 

@@ -77,7 +77,8 @@ class RecordDecoder:
     """Two phases, so that packing can be decided before any pixel is decoded:
     plan (JSON, image headers, tokens) and render (pixels)."""
 
-    def __init__(self, tokenizer, config: Config, seed: int, backend: ImageBackend):
+    def __init__(self, tokenizer, config: Config, seed: int, backend: Optional[ImageBackend]):
+        """backend: what render uses; None for a decoder that only plans (images decoded elsewhere)."""
         self.config = config
         self.backend = backend
         self.encoder = SampleEncoder(tokenizer, config, seed)

@@ -11,7 +11,10 @@ the loader around it):
    under train.seq_length, data.max_images_per_pack and
    data.max_vision_tokens_per_pack;
 3. pack_selected_samples: the image back end decodes all of the pack's images
-   in one batch, and the pack becomes one row of seq_length tokens;
+   in one batch, on the CPU, and the pack becomes one row of seq_length tokens.
+   With data.decode_images_in = trainer the pack instead carries each image's
+   encoded bytes and plan, decoded after the loader on the training device
+   (trainer_decode.py);
 4. batch: train.micro_batch_size rows -> a microbatch, with the pack's
    statistics (tokens, vision tokens, records read and failed per dataset).
 
@@ -27,6 +30,8 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from megavl.config import Config, ResolutionConfig
 from megavl.data.batch import collate_rows, pack_row
 from megavl.data.conversation import pad_token_id
@@ -34,6 +39,7 @@ from megavl.data.image_backends import select_backend
 from megavl.data.balance import microbatch_vision_tokens
 from megavl.data.packing import GreedyPacker, sample_vision_tokens
 from megavl.data.records import PlannedRecord, RecordDecoder, RecordSkip
+from megavl.data.trainer_decode import EncodedImage, with_rows
 
 
 def resolution_for(config: Config, subflavors: dict) -> ResolutionConfig:
@@ -64,9 +70,11 @@ def _crude_as_is(crude: dict) -> dict:
     return crude
 
 
-def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional[int]):
+def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional[int],
+                      decode_in_trainer: bool = False):
     """A megatron-energon TaskEncoder for megavl's records (the class is built here so that
-    energon is imported only when a loader is made)."""
+    energon is imported only when a loader is made). decode_in_trainer: packs carry encoded
+    images for trainer_decode.py instead of pixels."""
     e = energon()
     stateless = e.stateless
 
@@ -86,12 +94,16 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             self.max_pixels = max_pixels
             self.tokenizer = tokenizer
             self.seed = seed
+            self.decode_in_trainer = decode_in_trainer
             self._decoder: Optional[RecordDecoder] = None
 
         def _record_decoder(self) -> RecordDecoder:
-            # Built in the process that decodes (a worker), where the back end must live.
+            # Built in the process that decodes (a worker), where the back end must live. The
+            # loader decodes on the CPU: its batches are pinned, which CUDA tensors refuse.
             if self._decoder is None:
-                backend = select_backend(self.config.data.image_backend)
+                backend = None if self.decode_in_trainer else select_backend(
+                    self.config.data.image_backend, torch.device("cpu"),
+                    max_image_pixels=self.config.data.max_image_pixels)
                 self._decoder = RecordDecoder(self.tokenizer, self.config, self.seed, backend)
             return self._decoder
 
@@ -130,11 +142,21 @@ def make_task_encoder(config: Config, tokenizer, seed: int, max_pixels: Optional
             # made, so the riders that broke a budget are found again here.
             for item in items:
                 mark_unpackable(item, self.config)
-            self._render([i for i in items if i["failure"] is None])
+            good = [i for i in items if i["failure"] is None]
+            encoded = None
+            if self.decode_in_trainer:
+                encoded = [EncodedImage(data, plan, document, index, item["key"], item["dataset"])
+                           for document, item in enumerate(good)
+                           for index, (data, plan) in enumerate(item["images"])]
+                for item in good:
+                    item["images"] = None
+            else:
+                self._render(good)
             samples = [i["sample"] for i in items if i["failure"] is None]
             row = pack_row(samples, self.seq_length, self.config.model.lm.image_token_id, self.merge,
                            pad_token_id(self.tokenizer), self.config.model.lm.image_positions)
-            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items]}
+            return {"__restore_key__": (), "row": row, "items": [_item_summary(i) for i in items],
+                    "encoded": encoded}
 
         @stateless
         def batch(self, packs: list[dict]) -> dict:
@@ -223,6 +245,10 @@ def collate_packs(packs: list[dict], config: Config, tokenizer) -> dict:
     rows = [p["row"] for p in packs]
     rows += [empty_row(config, tokenizer) for _ in range(config.train.micro_batch_size - len(rows))]
     batch = collate_rows(rows)
+    if any(p.get("encoded") is not None for p in packs):
+        # Decoded after the loader (trainer_decode.py): the planned grids are final, pixels are not.
+        batch["encoded_images"] = with_rows([p.get("encoded") or [] for p in packs])
+        batch["pixel_values"] = None
     read: dict[str, int] = {}
     failed: dict[str, dict[str, int]] = {}
     failures = []
