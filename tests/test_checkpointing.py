@@ -317,3 +317,88 @@ def test_resume_restores_the_random_generators_and_the_loader_position(trainable
     assert loader.restored == {"position": 17}
     resumed = (torch.rand(4), random.random(), np.random.rand())
     assert torch.equal(resumed[0], after_save[0]) and resumed[1:] == after_save[1:]
+
+
+def _carry_extra_state(model, value: int) -> list[str]:
+    """Gives the model's norms and tensor-parallel linears a ``_extra_state`` the way Transformer
+    Engine 2.x modules have one: a uint8 tensor of serialised FP8 metadata from get_extra_state,
+    and a set_extra_state that ignores None or an empty tensor (what megatron-core's local linears
+    save). Megatron's own sharded state dict then makes each a ShardedObject, as it does for TE's
+    modules. Returns the state-dict names of the extra states."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megavl.models.norm import RMSNorm
+
+    def get_extra_state(self):
+        return self.fp8_meta.clone()
+
+    def set_extra_state(self, state):
+        if state is None or state.numel() == 0:
+            return
+        self.fp8_meta = state.clone()
+        self.extra_state_loads += 1
+
+    names = []
+    for name, module in model.named_modules():
+        # The output layer is megatron-core's own linear on the TE path too.
+        kinds = (ColumnParallelLinear, RowParallelLinear, RMSNorm)
+        if not isinstance(module, kinds) or name.endswith("output_layer"):
+            continue
+        base = type(module)
+        module.__class__ = type(f"{base.__name__}WithExtraState", (base,),
+                                {"get_extra_state": get_extra_state, "set_extra_state": set_extra_state})
+        module.fp8_meta = torch.full((8,), value, dtype=torch.uint8)
+        module.extra_state_loads = 0
+        names.append(f"{name}._extra_state")
+    return names
+
+
+def _assert_same_weights(model, reference) -> None:
+    ours = {k: v for k, v in _weights(model).items() if not k.endswith("_extra_state")}
+    theirs = {k: v for k, v in _weights(reference).items() if not k.endswith("_extra_state")}
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_checkpoints_without_and_with_extra_state_load_into_each_other(trainable, tmp_path):
+    """A checkpoint of local layers (no ``_extra_state``) loads into a model whose linears carry one,
+    as TE's do: the weights arrive and the extra state keeps its initial value. The other way, a local
+    model ignores the saved extra state, and a model with extra state gets it back. Training
+    resumes (optimizer included) across the two."""
+    from megavl.models.build import build_model, wrap_for_training
+    from megavl.training import checkpoint as ckpt
+    from megavl.training.optimizer import build_optimizer, build_scheduler
+
+    config, local, optimizer, scheduler = trainable
+    ckpt.save_model_weights(local, str(tmp_path / "local"))
+
+    carrying = build_model(config)
+    names = _carry_extra_state(carrying, 7)
+    assert names and all(name in carrying.sharded_state_dict() for name in names)
+    assert ckpt.load_model_weights(carrying, str(tmp_path / "local")) == []
+    _assert_same_weights(carrying, local)
+    linears = [m for m in carrying.modules() if hasattr(m, "extra_state_loads")]
+    assert all(m.extra_state_loads == 0 and int(m.fp8_meta[0]) == 7 for m in linears)
+
+    for module in linears:
+        module.fp8_meta.fill_(42)
+    ckpt.save_model_weights(carrying, str(tmp_path / "carrying"))
+    fresh_local = build_model(config)
+    ckpt.load_model_weights(fresh_local, str(tmp_path / "carrying"))
+    _assert_same_weights(fresh_local, local)
+    again = build_model(config)
+    _carry_extra_state(again, 0)
+    ckpt.load_model_weights(again, str(tmp_path / "carrying"))
+    assert all(m.extra_state_loads == 1 and int(m.fp8_meta[0]) == 42
+               for m in again.modules() if hasattr(m, "extra_state_loads"))
+
+    # The resume path: a local run's full checkpoint into the carrying model and its optimizer.
+    ckpt.save_checkpoint(str(tmp_path / "run"), config, local, optimizer, scheduler, ckpt.TrainState(step=3), None)
+    resumed = build_model(config)
+    _carry_extra_state(resumed, 5)
+    resumed_chunks = wrap_for_training(config, resumed)
+    resumed_optimizer = build_optimizer(config, resumed_chunks)
+    state = ckpt.load_checkpoint(str(tmp_path / "run"), resumed, resumed_optimizer,
+                                 build_scheduler(config, resumed_optimizer))
+    assert state.step == 3
+    _assert_same_weights(resumed, local)

@@ -4,7 +4,9 @@ Both the vision encoder and the language model are megatron-core
 ``TransformerLayer``s; only the spec decides which linear, norm and attention
 implementations they are built from. Checkpoint keys are the same for both
 (the local spec maps its separate norms onto TE's fused names), so a checkpoint
-trained on GPUs loads on a laptop and back.
+trained on GPUs loads on a laptop and back. TE's modules also save an
+``_extra_state`` (FP8 scaling metadata) that megavl's norms lack; loading leaves
+it at its initial value when a checkpoint has none (training/checkpoint.py).
 
 Vision-only LoRA reaches its linears and MoE layers through the specs' params
 (a ``VisionLoRA`` per linear, ``carry_vision_flags`` for the MoE layer and its

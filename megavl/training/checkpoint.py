@@ -11,6 +11,13 @@ owns, so weights (and the distributed optimizer's state, saved in its
 dp-reshardable form) load under a different layout; see load_checkpoint for
 what is restored when the layout changes.
 
+Checkpoints of megatron-core's local layers (the CPU path) and of Transformer
+Engine's (the GPU path) load into each other: their tensor keys are the same
+(megavl/models/specs.py), and TE 2.x modules' ``_extra_state`` (FP8 scaling
+metadata) is left at the module's own initial state when a checkpoint has none
+(absent_extra_state), as TE does for a fresh module; a local model ignores the
+``_extra_state`` a TE checkpoint holds.
+
 Scripts that save must guard their entry point with ``if __name__ == "__main__":``
 (the saver starts a helper process).
 """
@@ -30,6 +37,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -128,15 +136,57 @@ def _per_rank_objects(rng: Any, data: Any) -> dict:
     }
 
 
-def _sharded_state(model, optimizer, data_state: Any, loading: bool) -> dict:
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def absent_extra_state(model_state: dict, folder: str) -> list[str]:
+    """Removes from model_state the ``_extra_state`` objects the checkpoint in folder lacks, and
+    returns their names.
+
+    Transformer Engine 2.x modules keep their FP8 scaling state (amax history, scales) as a
+    ``_extra_state`` object; megatron-core's local layers and megavl's norms have none, so a
+    checkpoint made on the CPU (or converted from Hugging Face) has no such objects, and
+    megatron's load refuses a requested key the checkpoint lacks. A TE module that is not given
+    its extra state keeps the one it was built with, as a fresh module does (its FP8 history
+    then starts again). Every other tensor must still be in the checkpoint.
+    """
+    requested = {name: item for name, item in model_state.items()
+                 if name.endswith(EXTRA_STATE_SUFFIX) and isinstance(item, ShardedObject)}
+    if not requested:
+        return []
+    saved = set(load_sharded_metadata(folder))
+    absent = sorted(name for name, item in requested.items() if item.unique_key not in saved)
+    for name in absent:
+        del model_state[name]
+    return absent
+
+
+def _load_model_state(model, state: dict, folder: str, absent: list[str], may_miss: tuple[str, ...] = ()) -> None:
+    """model.load_state_dict, allowing exactly the absent extra states (and may_miss) to be missing."""
+    allowed = set(absent) | set(may_miss)
+    if not allowed:
+        model.load_state_dict(state, strict=True)
+        return
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - allowed
+    if missing or result.unexpected_keys or (set(may_miss) - set(result.missing_keys)):
+        raise RuntimeError(f"loading {folder}: missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}")
+    if absent:
+        log.info("checkpoint %s has no Transformer Engine extra state for %d modules (saved by local layers): "
+                 "their FP8 scaling state starts fresh", folder, len(absent))
+
+
+def _sharded_state(model, optimizer, data_state: Any, loading: bool, folder: Optional[str] = None) -> tuple[dict, list]:
+    """The sharded state to save or load, and (loading from folder) the extra states it lacks."""
     model_state = model.sharded_state_dict()
+    absent = absent_extra_state(model_state, folder) if loading and folder is not None else []
     state = {"model": model_state}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata=dict(_OPTIMIZER_FORMAT)
         )
     state.update(_per_rank_objects(_rng_state(), data_state))
-    return state
+    return state, absent
 
 
 def save_checkpoint(
@@ -164,7 +214,7 @@ def save_checkpoint(
     if rank0:
         error = _attempt(lambda: (shutil.rmtree(partial, ignore_errors=True), os.makedirs(partial)))
     _raise_if_failed(error, partial)
-    state = _sharded_state(model, optimizer, data_state, loading=False)
+    state, _ = _sharded_state(model, optimizer, data_state, loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["train_state"] = vars(train_state).copy()
     state["config"] = config_to_dict(config)
@@ -292,13 +342,13 @@ def load_checkpoint(
     if with_optimizer:
         initialize_state_for_loading(optimizer)
 
-    sharded = _sharded_state(model, optimizer if with_optimizer else None, None, loading=True)
+    sharded, absent = _sharded_state(model, optimizer if with_optimizer else None, None, loading=True, folder=folder)
     if not same_layout:
         # Per-rank RNG and data positions have no meaning in another layout.
         sharded.pop("rng_state")
         sharded.pop("data_state")
     state = dist_checkpointing.load(sharded, folder)
-    model.load_state_dict(state["model"], strict=True)
+    _load_model_state(model, state["model"], folder, absent)
     if with_optimizer:
         # In fp32 the distributed optimizer's main params are views of the model's
         # params; megatron copies into them in place, which autograd forbids outside no_grad.
@@ -363,11 +413,7 @@ def load_model_weights(model, directory: str, allow_fresh_adapters: bool = False
         raise ValueError(f"{folder} lacks {len(missing)} tensors the model needs{hint}: {missing[:20]}")
     for name in fresh:
         del sharded[name]
+    absent_extra = absent_extra_state(sharded, folder)
     state = dist_checkpointing.load({"model": sharded}, folder)
-    result = model.load_state_dict(state["model"], strict=not fresh)
-    if fresh and (set(result.missing_keys) != set(fresh) or result.unexpected_keys):
-        raise RuntimeError(
-            f"loading {folder}: missing {sorted(set(result.missing_keys) - set(fresh))}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
-        )
+    _load_model_state(model, state["model"], folder, absent_extra, may_miss=tuple(fresh))
     return fresh
