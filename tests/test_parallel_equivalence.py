@@ -43,6 +43,9 @@ TOWERS = {
     # width of 128) and Llama 3's RoPE scaling, under the layouts that split or stage the attention.
     "lm-variants": (CONFIGS / "tiny_clip_cpu.yaml", ["model.lm.head_dim=48", "model.lm.qk_layernorm=true",
                                                      "model.lm.rope_scaling_factor=8"], ("TP2", "PP2")),
+    # Qwen3-VL's LM details: interleaved multimodal RoPE, q/k norms and no q/k/v bias.
+    "qwen3-vl-lm": (TINY_CONFIG, ["model.lm.mrope_layout=interleaved", "model.lm.mrope_section=[6,5,5]",
+                                  "model.lm.qk_layernorm=true", "model.lm.qkv_bias=false"], ("TP2", "PP2")),
 }
 TOWER_CASES = [(tower, name) for tower, (_, _, layouts) in TOWERS.items() for name in layouts]
 # The gradient norm megatron reduces in fp32 from per-shard norms differs between layouts by up

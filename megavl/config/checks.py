@@ -174,6 +174,16 @@ def _check_lm(c: _Checks, config: Config) -> None:
             f"{s}.mrope_section = {m.mrope_section}: must be 3 non-negative "
             "entries (temporal, height, width)",
         )
+        if head_dim is not None and m.mrope_layout == "interleaved" and len(m.mrope_section) == 3:
+            # Height takes frequencies 1, 4, 7, ... and width 2, 5, 8, ...: each axis's last one
+            # must still be a frequency of the head.
+            _, height, width = m.mrope_section
+            c.require(
+                3 * height - 2 < head_dim // 2 and 3 * width - 1 < head_dim // 2,
+                f"{s}.mrope_section = {m.mrope_section} with {s}.mrope_layout = interleaved: height and width "
+                f"take every third of the head's {head_dim // 2} frequencies, so each may have at most "
+                f"{(head_dim // 2 + 1) // 3} (height) and {head_dim // 2 // 3} (width)",
+            )
         if head_dim is not None:
             c.require(
                 sum(m.mrope_section) == head_dim // 2,
@@ -182,6 +192,10 @@ def _check_lm(c: _Checks, config: Config) -> None:
                 + (f"{s}.head_dim = {head_dim})" if m.head_dim is not None else
                    f"{s}.hidden_size {m.hidden_size} / num_attention_heads {m.num_attention_heads} = {head_dim})"),
             )
+    c.require(
+        m.rope == "mrope" or m.mrope_layout == "sections",
+        f"{s}.mrope_layout = {m.mrope_layout}: lays out multimodal RoPE ({s}.rope = mrope), not {m.rope}",
+    )
     c.require(
         not (m.rope == "mrope" and m.image_positions == "sequential"),
         f"{s}.image_positions = sequential: multimodal RoPE ({s}.rope = mrope) spreads image tokens over "

@@ -57,6 +57,7 @@ __all__ = [
     "RESOLUTION_MODES",
     "FIXED_FITS",
     "IMAGE_BACKENDS",
+    "MropeLayout",
     "DecodePlace",
     "DECODE_PLACES",
     "ResumeMode",
@@ -108,6 +109,7 @@ AdapterNorm = Literal["before", "after", "none"]
 # tokens share a temporal position and spread over height and width; with rope 1d the LM takes
 # the temporal row) or sequential (every token one more than the last, as LLaVA and Idefics3 do).
 ImagePositions = Literal["spatial", "sequential"]
+MropeLayout = Literal["sections", "interleaved"]
 # How an image becomes vision tokens (see megavl/data/resolution.py).
 ResolutionMode = Literal["native", "fixed", "tiling"]
 FixedFit = Literal["pad", "resize"]
@@ -293,6 +295,10 @@ class LMConfig:
     rope: RopeKind = "mrope"
     # Rotary frequency pairs given to the temporal, height and width axes.
     mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
+    # How mrope hands the frequencies to the axes: sections (Qwen2-VL, Qwen2.5-VL: the first
+    # mrope_section[0] frequencies temporal, then height, then width) or interleaved (Qwen3-VL:
+    # t, h, w, t, h, w, ... while height and width last, temporal after).
+    mrope_layout: MropeLayout = "sections"
     rope_theta: float = 1000000.0
     # Llama 3.x's frequency scaling ("llama3" in Hugging Face) by this factor (8 for Llama 3.1,
     # 32 for Llama 3.2), with megatron-core's fixed low / high frequency factors 1 and 4 and an

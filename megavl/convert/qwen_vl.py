@@ -167,6 +167,9 @@ def lm_export_problems(config: Config, megavl_features: bool = False) -> list[st
         )
     if lm.rope != "mrope":
         problems.append(f"model.lm.rope = {lm.rope}: the Hugging Face LM uses multimodal RoPE (mrope)")
+    elif lm.mrope_layout != "sections":
+        problems.append(f"model.lm.mrope_layout = {lm.mrope_layout}: Qwen2-VL and Qwen2.5-VL lay multimodal RoPE "
+                        "out in sections (the interleaved layout is Qwen3-VL's)")
     if not lm.qkv_bias:
         problems.append("model.lm.qkv_bias = false: the Hugging Face LM has q/k/v biases")
     if lm.qk_layernorm:

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megavl.config import Config
 from megavl.models.adapter import build_adapter
+from megavl.models.interleaved_mrope import InterleavedMultimodalRotaryEmbedding
 from megavl.models.modality import vision_tokens
 from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.config.towers import tower_traits
@@ -80,6 +81,13 @@ class VisionLanguageModel(MegatronModule):
             # Image embeddings are spliced in before the sequence is split for SP.
             scatter_embedding_sequence_parallel=False,
         )
+        if lm.rope == "mrope" and lm.mrope_layout == "interleaved":
+            # Qwen3-VL's layout of the frequencies over t/h/w; the same angles' shape, so GPTModel takes it as it is.
+            old = self.language_model.rotary_pos_emb
+            self.language_model.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding(
+                kv_channels=lm_config.kv_channels, rotary_percent=1.0, rotary_interleaved=lm_config.rotary_interleaved,
+                seq_len_interpolation_factor=old.seq_len_interpolation_factor, rotary_base=lm.rope_theta,
+            )
 
     # -- pipeline plumbing: megatron's schedules and finalize_model_grads call these --
     def set_input_tensor(self, input_tensor) -> None:
