@@ -156,7 +156,8 @@ def train(config) -> None:
         max_pixels = pixel_cap(state.step)
         train_data.set_max_pixels(max_pixels)
         batches = train_data.next_step()
-        with router_statistics(config, microbatches) as router:
+        logs = _logs_step(config, state.step + 1)
+        with router_statistics(config, microbatches, collect=logs) as router:
             result = train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
         totals = step_totals(batches, config, group=_data_parallel_group())
         skipped = guard.record(state.step + 1, result)  # raises after too many in a row, on every rank
@@ -167,7 +168,7 @@ def train(config) -> None:
         state.consumed_microbatches += microbatches
         step_time = time.monotonic() - started
 
-        if state.step % config.logging.interval == 0 or state.step == config.train.steps:
+        if logs:
             metrics.log_step(state.step, step_metrics(result, totals.tokens, step_time, train_data.stats,
                                                       train_data.last_balance, max_pixels, router.scalars(),
                                                       guard.skipped_steps, totals.model_flops,
@@ -205,6 +206,11 @@ def train(config) -> None:
     if is_logger:
         write_exit_status(status)
     sys.exit(status)
+
+
+def _logs_step(config, step: int) -> bool:
+    """Whether step (counted from 1) writes its metrics: every logging.interval steps and the last."""
+    return step % config.logging.interval == 0 or step == config.train.steps
 
 
 def _step_batches(config, tokenizer, layout, microbatches: int, split: str = "train", max_pixels=None):

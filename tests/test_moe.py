@@ -84,3 +84,72 @@ def test_ep2_checkpoint_reloads_at_ep1(tmp_path):
     ep2 = torch.tensor(read_json(tmp_path / "ep2.json")["logits"])
     ep1 = torch.tensor(read_json(tmp_path / "ep1.json")["logits"])
     torch.testing.assert_close(ep1, ep2, atol=1e-5, rtol=0)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor methods that copy to the host (a device sync on a GPU), by the line calling them."""
+
+    READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"}
+
+    def __init__(self):
+        super().__init__()
+        self.by_file: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            import traceback
+
+            frame = traceback.extract_stack(limit=2)[0]
+            caller = f"{frame.filename}:{frame.lineno}"
+            self.by_file[caller] = self.by_file.get(caller, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_router_statistics_stay_on_the_device_and_are_gathered_only_on_logging_steps(megatron_world):
+    """Recording the expert load and entropy reads nothing back to the host in any MoE layer; a logging
+    step reads the step's totals once; a step that does not log records nothing and leaves no router
+    losses behind for the next one."""
+    from megavl.config import load_config
+    from megavl.data.random_samples import random_batches
+    from megavl.models.build import build_model, wrap_for_training
+    from megavl.models.moe import RouterStatistics
+    from megavl.training.moe_metrics import router_statistics
+    from megavl.training.optimizer import build_optimizer, build_scheduler
+    from megavl.training.step import num_microbatches, train_step
+
+    config = load_config(str(MOE_CONFIG), COMMON)
+    chunks = wrap_for_training(config, build_model(config))
+    optimizer = build_optimizer(config, chunks)
+    scheduler = build_scheduler(config, optimizer)
+    microbatches = num_microbatches(config, 1)
+    batches = random_batches(config, microbatches, seed=4)
+    calls, reads = [], _HostReads()
+    original = RouterStatistics.record
+
+    def counted(cls, *args):
+        calls.append(args[0])
+        with reads:
+            original.__func__(cls, *args)
+
+    RouterStatistics.record = classmethod(counted)
+    try:
+        with router_statistics(config, microbatches, collect=False) as quiet:
+            train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
+        assert quiet.stats is None and calls == []
+        with router_statistics(config, microbatches) as logged:
+            train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
+    finally:
+        RouterStatistics.record = original
+    assert len(calls) == 3 * microbatches  # three MoE layers
+    assert reads.by_file == {}
+    real_tokens = sum(int(b["tokens"].numel()) for b in batches)
+    assert logged.stats["routed_tokens"] == {"2": real_tokens, "3": real_tokens, "4": real_tokens}
+    for layer in ("2", "3", "4"):
+        load = logged.stats["expert_load"][layer]
+        assert sum(load["text"]) + sum(load["vision"]) == 2 * real_tokens  # top-2
+        assert sum(load["vision"]) == 2 * sum(int((b["image_ids"] >= 0).sum()) for b in batches)
+    # Only this step's router losses: the quiet step's were cleared.
+    one_step = logged.stats["router_losses"]["load_balancing_loss"]
+    with router_statistics(config, microbatches) as again:
+        train_step(config, chunks, optimizer, scheduler, iter(batches), microbatches)
+    assert again.stats["router_losses"]["load_balancing_loss"] == pytest.approx(one_step, rel=0.2)

@@ -33,7 +33,10 @@ from megavl.models.modality import current_vision_mask, expert_rows, local_token
 
 
 class RouterStatistics:
-    """Per-layer expert load (text / vision) and router entropy, summed until read."""
+    """Per-layer expert load (text / vision) and router entropy, summed until read.
+
+    The sums stay on the device the router runs on: recording costs no host sync, and the
+    step's totals reach the host once, when moe_metrics reduces them on a logging step."""
 
     enabled = False
     _sums: dict = {}
@@ -45,7 +48,8 @@ class RouterStatistics:
 
     @classmethod
     def stop(cls) -> dict:
-        """{layer_number: {"text": [E], "vision": [E], "entropy_sum": float, "tokens": int}}, local to this rank."""
+        """{layer_number: {"text": [E], "vision": [E], "entropy_sum": 0-d, "tokens": int}}, local to this
+        rank; the tensors on the router's device."""
         cls.enabled = False
         sums, cls._sums = cls._sums, {}
         return sums
@@ -57,15 +61,18 @@ class RouterStatistics:
         chosen = routing_map.to(torch.int64)
         if vision is None:
             vision = torch.zeros(chosen.shape[0], dtype=torch.bool, device=chosen.device)
-        entry = cls._sums.setdefault(
-            layer,
-            {"text": torch.zeros(chosen.shape[1], dtype=torch.int64), "vision": torch.zeros(chosen.shape[1], dtype=torch.int64),
-             "entropy_sum": 0.0, "tokens": 0},
-        )
-        entry["text"] += chosen[~vision].sum(0).cpu()
-        entry["vision"] += chosen[vision].sum(0).cpu()
-        entry["entropy_sum"] += float(entropy.sum())
-        entry["tokens"] += int(chosen.shape[0])
+        entry = cls._sums.get(layer)
+        if entry is None:
+            zeros = torch.zeros(chosen.shape[1], dtype=torch.int64, device=chosen.device)
+            entry = cls._sums[layer] = {"text": zeros, "vision": zeros.clone(),
+                                        "entropy_sum": torch.zeros((), dtype=torch.float64, device=chosen.device),
+                                        "tokens": 0}
+        # Masked sums (a multiply, not boolean indexing, whose output size would need a sync).
+        is_vision = vision.to(torch.int64)[:, None]
+        entry["vision"] += (chosen * is_vision).sum(0)
+        entry["text"] += (chosen * (1 - is_vision)).sum(0)
+        entry["entropy_sum"] += entropy.sum().double()
+        entry["tokens"] += chosen.shape[0]  # a shape: known on the host
 
 
 class MegavlRouter(TopKRouter):

@@ -6,8 +6,10 @@
   entropy, from ``megavl.models.moe.RouterStatistics``.
 
 Every rank runs the step inside ``router_statistics`` (leaving it runs
-collectives); only the logging rank uses the result. Reductions use SUM only,
-which every back end (gloo too) has.
+collectives on logging steps); only the logging rank uses the result. Reductions
+use SUM only, which every back end (gloo too) has. The statistics are gathered
+on the device and reach the host once per logging step; other steps record
+nothing and only clear megatron's router-loss tracker.
 """
 
 from __future__ import annotations
@@ -50,19 +52,21 @@ def _router_losses(microbatches: int) -> dict[str, list[float]]:
 
 def _router_statistics(config: Config, local: dict) -> dict:
     layers, experts = config.model.lm.num_layers, config.model.lm.moe.num_experts
-    # [layer, modality (text, vision), expert] counts and [layer, (entropy sum, tokens)].
-    load = torch.zeros(layers, 2, experts, dtype=torch.float64)
-    entropy = torch.zeros(layers, 2, dtype=torch.float64)
+    device = detect().device
+    # [layer, modality (text, vision), expert] counts and [layer, (entropy sum, tokens)], filled
+    # on the device from the device-side sums.
+    load = torch.zeros(layers, 2, experts, dtype=torch.float64, device=device)
+    entropy = torch.zeros(layers, 2, dtype=torch.float64, device=device)
     for layer_number, entry in local.items():
         index = layer_number - 1
         load[index, 0] = entry["text"].double()
         load[index, 1] = entry["vision"].double()
-        entropy[index] = torch.tensor([entry["entropy_sum"], entry["tokens"]], dtype=torch.float64)
-    device = detect().device
-    packed = torch.cat([load.flatten(), entropy.flatten()]).to(device)
+        entropy[index, 0] = entry["entropy_sum"]
+        entropy[index, 1] = entry["tokens"]
+    packed = torch.cat([load.flatten(), entropy.flatten()])
     # Every token is routed exactly once somewhere in the world.
     dist.all_reduce(packed)
-    packed = packed.cpu()
+    packed = packed.cpu()  # the one copy to the host
     load = packed[: load.numel()].view_as(load)
     entropy = packed[load.numel():].view_as(entropy)
     moe_layers = [i for i in range(layers) if entropy[i, 1] > 0]
@@ -87,12 +91,18 @@ class StepRouterStats:
 
 
 @contextmanager
-def router_statistics(config: Config, microbatches: int) -> Iterator[StepRouterStats]:
+def router_statistics(config: Config, microbatches: int, collect: bool = True) -> Iterator[StepRouterStats]:
     """Records expert load and router entropy while the block runs one training step,
-    then reduces them (and megatron's router losses) over all ranks."""
+    then reduces them (and megatron's router losses) over all ranks. collect: whether this
+    step logs them (the same on every rank); if not, nothing is recorded or reduced."""
     record = StepRouterStats()
     if config.model.lm.moe.num_experts == 0:
         yield record
+        return
+    if not collect:
+        yield record
+        # megatron's tracker sums every step's router losses; a logging step reports its own only.
+        clear_aux_losses_tracker()
         return
     RouterStatistics.start()
     try:
