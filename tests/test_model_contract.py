@@ -139,3 +139,19 @@ def test_the_step_gradient_is_the_mean_over_all_answer_tokens_of_the_step(megatr
     # A per-microbatch mean would be a different gradient: the comparison above can tell them apart.
     per_microbatch = gradients(lambda losses: sum(l / c for l, c in zip(losses, counts)) / microbatches)
     assert max((step[n] - per_microbatch[n]).abs().max() for n in step) > 1e-4
+
+
+def test_to_device_moves_everything_but_the_image_grids(megatron_world):
+    """The microbatch goes to the training device, except image_grid_thw: the vision tower reads it on the
+    host (patch coordinates, windows, position tables), so a copy would cost a sync back for each use.
+    The meta device stands for a GPU here."""
+    from megavl.data.random_samples import random_batches
+    from megavl.models.inputs import to_device
+
+    batch = random_batches(megatron_world, 1, seed=3)[0]
+    assert batch["image_grid_thw"] is not None
+    moved = to_device(batch, megatron_world, torch.device("meta"))
+    assert moved["image_grid_thw"].device.type == "cpu"
+    others = {name: value.device.type for name, value in moved.items()
+              if torch.is_tensor(value) and name != "image_grid_thw"}
+    assert others and set(others.values()) == {"meta"}, others

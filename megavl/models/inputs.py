@@ -40,12 +40,18 @@ class Microbatch(TypedDict):
     turn_ids: torch.Tensor  # [b, s] conversation turn (conversation masking)
     position_ids: torch.Tensor  # [3, b, s] multimodal RoPE positions (t, h, w)
     pixel_values: Optional[torch.Tensor]  # [patches, C*T*P*P] of all images in token order, or None
-    image_grid_thw: Optional[torch.Tensor]  # [images, 3] patch grid of each image, or None
+    image_grid_thw: Optional[torch.Tensor]  # [images, 3] patch grid of each image, or None; stays on the host
+
+
+# Read on the host only (patch coordinates, window ids, position-table sizes are computed from it):
+# left there, it costs neither a copy to the device nor a sync back for each use.
+HOST_FIELDS = frozenset({"image_grid_thw"})
 
 
 def to_device(batch: Microbatch, config: Config, device: torch.device) -> Microbatch:
-    """Moves a microbatch to the device and shapes position ids for the configured RoPE."""
-    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """Moves a microbatch to the device (all but HOST_FIELDS) and shapes position ids for the configured RoPE."""
+    moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_FIELDS else v)
+             for k, v in batch.items()}
     if config.model.lm.rope == "1d":
         # 1D RoPE takes one position per token; the three mrope components are equal for text.
         moved["position_ids"] = moved["position_ids"][0]
