@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup test test-fast demo recipe-demo eval-lmms clean
+.PHONY: setup test test-fast test-te demo recipe-demo eval-lmms clean
 
 setup: $(VENV)/.installed
 
@@ -27,11 +27,22 @@ $(VENV)/.installed: setup.py Makefile tools/install_system_packages.sh
 	touch $@
 
 test: setup
-	MEGAVL_REQUIRE_DALI=1 $(PY) -m pytest -q --durations=25
+	MEGAVL_REQUIRE_DALI=1 $(PY) -m pytest -q --durations=25 --ignore=tests/te
+
+# Transformer Engine's layers built on the CPU against the local ones (state-dict keys, checkpoints
+# both ways), in their own environment with the CUDA torch and TE compiled here (~20 min, 6.7 GB
+# once). Not part of make test.
+VENV_TE ?= .venv-te
+$(VENV_TE)/.installed: tools/install_te_cpu.sh
+	bash tools/install_te_cpu.sh $(VENV_TE)
+	touch $@
+
+test-te: $(VENV_TE)/.installed
+	$(VENV_TE)/bin/python -m pytest -q tests/te
 
 # Skips the multi-process torchrun tests; for quick iterations only.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/te
 
 DATA := data/synthetic
 
@@ -84,7 +95,7 @@ eval-lmms: demo
 		--out $(DEMO_RUN)/eval_lmms.json --compare $(DEMO_RUN)/eval_megavl.json
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(VENV_TE) *.egg-info
 
 # Puts each curated bug of tools/mutations.py into a temporary copy of the repository and fails
 # if the tests meant to catch it pass (12 to 15 minutes on 2 cores). Pass options with
