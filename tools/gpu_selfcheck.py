@@ -271,6 +271,8 @@ def check_te_lora() -> Row:
 
 
 def check_dali() -> Row:
+    import torch
+
     from megavl.platform.features import detect
 
     p = detect()
@@ -284,9 +286,11 @@ def check_dali() -> Row:
     gpu = DaliBackend("gpu").render_batch(items)
     cpu = PillowBackend().render_batch(items)
     worst = 0.0
-    for (_, a), (_, b) in ((x[0], y[0]) for x, y in zip(gpu, cpu)):
-        # Normalised values back to 8-bit levels (std about 0.27 of the range).
-        worst = max(worst, ((a.cpu() - b).abs().mean() * 255 * 0.27).item())
+    for (_, plan), gpu_parts, cpu_parts in zip(items, gpu, cpu):
+        (_, a), (_, b) = gpu_parts[0], cpu_parts[0]
+        # Normalised values back to 8-bit levels: times the plan's std and 255.
+        std = torch.tensor(plan.std).view(3, 1, 1)
+        worst = max(worst, ((a.cpu() - b).abs() * std * 255).mean().item())
     on_gpu = all(parts[0][1].is_cuda for parts in gpu)
     return Row("dali_mixed", "pass" if on_gpu and worst < 1.0 else "fail",
                f"{len(items)} JPEGs decoded on {'cuda' if on_gpu else 'cpu'}; mean |dali - pillow| "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Hashable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -168,6 +168,43 @@ class ImageBackend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def render_by_owner(backend: ImageBackend, items: Sequence[tuple[bytes, ImagePlan]], owners: Sequence[Hashable]
+                    ) -> tuple[list[Optional[RenderedParts]], dict[Hashable, tuple[int, ImageBatchError]]]:
+    """Renders items in one back-end batch; owners[i] is what item i belongs to (a record).
+
+    An item that fails fails its owner: the owner's items are dropped and the rest are rendered
+    again. Returns each item's parts (None for the items of a failed owner) and, for each failed
+    owner, the index of the item that failed and its error. The loader (records.py) and the
+    trainer (trainer_decode.py) both render this way.
+    """
+    results: list[Optional[RenderedParts]] = [None] * len(items)
+    failed: dict[Hashable, tuple[int, ImageBatchError]] = {}
+    pending = list(range(len(items)))
+    while pending:
+        try:
+            rendered = backend.render_batch([items[i] for i in pending])
+        except ImageBatchError as e:
+            item = pending[e.index]
+            failed[owners[item]] = (item, e)
+            pending = [i for i in pending if owners[i] != owners[item]]
+            continue
+        for i, parts in zip(pending, rendered):
+            results[i] = parts
+        break
+    return results, failed
+
+
+def planned_patches(parts: Sequence[RenderedParts], vision: VisionConfig, planned: Sequence[Sequence[int]],
+                    key: str) -> list[ImagePatches]:
+    """The patches of rendered images' parts, checked against the grids planned for them (which
+    the record's tokens were counted from); RuntimeError naming the record when they differ."""
+    patches = [to_patches(pixels, vision) for image_parts in parts for _, pixels in image_parts]
+    if [tuple(p.grid_thw) for p in patches] != [tuple(grid) for grid in planned]:
+        raise RuntimeError(f"record {key!r}: rendered image grids {[p.grid_thw for p in patches]} "
+                           f"differ from the planned {[tuple(grid) for grid in planned]}")
+    return patches
 
 
 def checked_items(items: Sequence[tuple[bytes, ImagePlan]], max_image_pixels: int) -> list[Image.Image]:

@@ -34,7 +34,7 @@ from megavl.config import Config, ResolutionConfig
 from megavl.config.towers import image_normalisation
 from megavl.data.batch import ImagePatches, Sample
 from megavl.data.conversation import SampleEncoder, count_image_placeholders
-from megavl.data.image_rendering import ImageBackend, ImageBatchError, peek_size, to_patches
+from megavl.data.image_rendering import ImageBackend, peek_size, planned_patches, render_by_owner
 from megavl.data.resolution import ImagePart, ImagePlan, plan_image
 
 RECORD_SKIP_REASONS = ("missing_json", "bad_json", "invalid_record", "missing_image", "bad_image")
@@ -136,33 +136,22 @@ class RecordDecoder:
         decodes a batch in one pipeline run). A record whose bytes only fail when decoded
         (truncated or corrupt data) comes back as RecordSkip("bad_image") and the rest are
         rendered again without it."""
-        results: list[Union[Sample, RecordSkip, None]] = [None] * len(planned)
-        pending = list(range(len(planned)))
-        while pending:
-            owners = [r for r in pending for _ in planned[r].images]
-            items = [image for r in pending for image in planned[r].images]
-            try:
-                rendered = self.backend.render_batch(items) if items else []
-            except ImageBatchError as e:
-                record = owners[e.index]
-                first = owners.index(record)
-                results[record] = RecordSkip("bad_image", f"img{e.index - first}: {e.reason}")
-                pending.remove(record)
-                continue
-            parts = iter(rendered)
-            for r in pending:
-                results[r] = self._with_pixels(planned[r], [next(parts) for _ in planned[r].images])
-            pending = []
+        owners = [r for r in range(len(planned)) for _ in planned[r].images]
+        items = [image for record in planned for image in record.images]
+        rendered, failed = render_by_owner(self.backend, items, owners)
+        results: list[Union[Sample, RecordSkip]] = []
+        first = 0  # the record's first item
+        for r, record in enumerate(planned):
+            if r in failed:
+                item, error = failed[r]
+                results.append(RecordSkip("bad_image", f"img{item - first}: {error.reason}"))
+            else:
+                parts = rendered[first : first + len(record.images)]
+                grids = [image.grid_thw for image in record.sample.images]
+                results.append(dataclasses.replace(
+                    record.sample, images=planned_patches(parts, self.config.model.vision, grids, record.sample.key)))
+            first += len(record.images)
         return results
-
-    def _with_pixels(self, planned: PlannedRecord, parts: list) -> Sample:
-        vision = self.config.model.vision
-        patches = [to_patches(pixels, vision) for image_parts in parts for _, pixels in image_parts]
-        planned_grids = [image.grid_thw for image in planned.sample.images]
-        if [p.grid_thw for p in patches] != planned_grids:
-            raise RuntimeError(f"record {planned.sample.key!r}: rendered image grids "
-                               f"{[p.grid_thw for p in patches]} differ from the planned {planned_grids}")
-        return dataclasses.replace(planned.sample, images=patches)
 
     @staticmethod
     def _record(key: str, members: Mapping[str, bytes]) -> dict:

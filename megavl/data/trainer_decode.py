@@ -32,7 +32,7 @@ import torch
 
 from megavl.config import Config
 from megavl.data.image_backends import select_backend
-from megavl.data.image_rendering import ImageBatchError, to_patches
+from megavl.data.image_rendering import planned_patches, render_by_owner
 from megavl.data.resolution import ImagePlan
 
 # (dataset, key, reason, detail), as collate_packs reports the loader's failures.
@@ -83,44 +83,24 @@ class TrainerImageDecoder:
         encoded: Optional[list[EncodedImage]] = batch.pop("encoded_images", None)
         if encoded is None:
             return []
-        rendered, failures = self._render(encoded)
+        owners = [(image.row, image.document) for image in encoded]
+        rendered, failed = render_by_owner(self.backend, [(image.data, image.plan) for image in encoded], owners)
         grids = batch["image_grid_thw"].tolist() if batch["image_grid_thw"] is not None else []
         pixels, cursor = [], 0
-        for i, image in enumerate(encoded):
+        for image, parts in zip(encoded, rendered):
             planned = grids[cursor : cursor + len(image.plan.parts)]
             cursor += len(image.plan.parts)
-            if i in rendered:
-                pixels += self._patches(image, rendered[i], planned)
+            if parts is not None:
+                pixels += [p.pixel_values for p in planned_patches([parts], self.config.model.vision, planned, image.key)]
             else:
                 pixels += [torch.zeros(t * h * w, self.patch_dim, device=self.backend.output_device)
                            for t, h, w in planned]
         if cursor != len(grids):
             raise RuntimeError(f"the microbatch has {len(grids)} image parts but its encoded images plan {cursor}")
         batch["pixel_values"] = torch.cat(pixels) if pixels else None
-        for row, document in {(image.row, image.document) for i, image in enumerate(encoded) if i not in rendered}:
-            batch["loss_mask"][row][batch["document_ids"][row] == document] = False
-        return failures
-
-    def _render(self, encoded: list[EncodedImage]) -> tuple[dict[int, list], list[Failure]]:
-        """Image index -> rendered parts, in one back-end batch; a failing image drops its record's
-        images and the rest are rendered again (as RecordDecoder.render does in the loader)."""
-        pending = list(range(len(encoded)))
         failures: list[Failure] = []
-        while pending:
-            try:
-                parts = self.backend.render_batch([(encoded[i].data, encoded[i].plan) for i in pending])
-            except ImageBatchError as e:
-                bad = encoded[pending[e.index]]
-                failures.append((bad.dataset, bad.key, "bad_image", f"img{bad.index}: {e.reason}"))
-                owner = (bad.row, bad.document)
-                pending = [i for i in pending if (encoded[i].row, encoded[i].document) != owner]
-                continue
-            return dict(zip(pending, parts)), failures
-        return {}, failures
-
-    def _patches(self, image: EncodedImage, parts: list, planned: list) -> list[torch.Tensor]:
-        patches = [to_patches(pixels, self.config.model.vision) for _, pixels in parts]
-        if [list(p.grid_thw) for p in patches] != planned:
-            raise RuntimeError(f"record {image.key!r}: rendered image grids {[p.grid_thw for p in patches]} "
-                               f"differ from the planned {planned}")
-        return [p.pixel_values for p in patches]
+        for (row, document), (item, error) in failed.items():
+            batch["loss_mask"][row][batch["document_ids"][row] == document] = False
+            bad = encoded[item]
+            failures.append((bad.dataset, bad.key, "bad_image", f"img{bad.index}: {error.reason}"))
+        return failures
