@@ -44,6 +44,7 @@ def dry_run(config, world_size: int) -> None:
     """Everything here comes from the config: nothing is allocated, no process group is made."""
     from megavl.config import data_parallel_size, dump_config, lm_layers_per_stage, validate
     from megavl.models.param_count import active_language_model_parameters, total_parameter_counts
+    from megavl.platform.perf import perf_plan
     from megavl.models.precision import fp8_platform_problems, precision_plan
 
     validate(config, world_size)
@@ -62,6 +63,7 @@ def dry_run(config, world_size: int) -> None:
     print(f"LM parameters active per token: {active:,d} ({active - embeddings:,d} without the embeddings)")
     print(describe_stage(config))
     print(precision_plan(config))
+    print(perf_plan(config, data_parallel_size(config, world_size)))
     # The dry run often runs where the job will not (a login node): say what this machine lacks, go on.
     problems = fp8_platform_problems(config)
     if problems:
@@ -87,9 +89,10 @@ def describe_stage(config) -> str:
 
 def train(config) -> None:
     from megavl.data.tokenizer import check_tokenizer_matches_model, load_tokenizer
-    from megavl.models.build import build_model, wrap_for_training
+    from megavl.models.build import build_model, parameters_gathered, wrap_for_training
     from megavl.models.parts import describe as describe_parts
     from megavl.models.parts import part_counts
+    from megavl.platform.perf import perf_plan
     from megavl.models.precision import check_fp8_platform, precision_plan
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect, layer_backend_for
@@ -117,6 +120,7 @@ def train(config) -> None:
     metrics.message(precision_plan(config))
     check_fp8_platform(config)  # train.fp8 on a machine without TE or an FP8-capable GPU stops here
     metrics.message(layout.describe())
+    metrics.message(perf_plan(config, layout.data))
     config = with_resume_resolved(config, metrics)
     config = _with_image_backend_chosen(config, metrics)
     config = _with_decode_place_chosen(config, metrics)
@@ -142,7 +146,7 @@ def train(config) -> None:
     task_items = _task_eval_items(config, metrics)
 
     # 4. Resume, or start from pretrained weights.
-    checkpointer = Checkpointer(config, model, optimizer, scheduler, train_data, metrics)
+    checkpointer = Checkpointer(config, model, optimizer, scheduler, train_data, metrics, chunks)
     state = checkpointer.restore()
     guard = NonFiniteGuard(config.train.max_nonfinite_steps, state.extra.get("skipped_steps", 0))
 
@@ -179,9 +183,11 @@ def train(config) -> None:
             _check_data_failures(config, train_data.stats)
         if config.data.val_path and state.step % config.train.eval_interval == 0:
             val_data = _step_batches(config, tokenizer, layout, microbatches, split="val")
-            metrics.log_eval(state.step, {"loss": evaluate(config, chunks, val_data, microbatches)})
+            with parameters_gathered(chunks):
+                metrics.log_eval(state.step, {"loss": evaluate(config, chunks, val_data, microbatches)})
         if task_items and _task_eval_due(config, state.step):
-            metrics.log_tasks(state.step, _evaluate_tasks(config, model, chunks, tokenizer, task_items, layout))
+            with parameters_gathered(chunks):
+                metrics.log_tasks(state.step, _evaluate_tasks(config, model, chunks, tokenizer, task_items, layout))
         checkpointer.poll()
         checkpointer.save(state)
         if state.step < config.train.steps:  # the same condition on every rank: all or none join

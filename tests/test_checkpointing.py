@@ -402,3 +402,48 @@ def test_checkpoints_without_and_with_extra_state_load_into_each_other(trainable
                                  build_scheduler(config, resumed_optimizer))
     assert state.step == 3
     _assert_same_weights(resumed, local)
+
+
+def _trainer_with(config, overrides):
+    from megavl.config import config_from_dict, config_to_dict
+    from megavl.models.build import build_model, wrap_for_training
+    from megavl.training.optimizer import build_optimizer, build_scheduler
+
+    d = config_to_dict(config)
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        d[section][field] = value
+    config = config_from_dict(d)
+    model = build_model(config)
+    chunks = wrap_for_training(config, model)
+    optimizer = build_optimizer(config, chunks)
+    return config, model, optimizer, build_scheduler(config, optimizer)
+
+
+def test_optimizer_state_in_other_gradient_buckets_starts_fresh_and_says_why(megatron_world, tmp_path, caplog):
+    """The distributed optimizer's state is saved bucket by bucket, so a checkpoint of one bucket
+    layout (perf.overlap_grad_reduce, perf.bucket_size) cannot fill another's: the weights load,
+    the optimizer starts fresh with a warning naming the settings; the same buckets restore it."""
+    from megavl.training import checkpoint as ckpt
+    from megavl.training.optimizer import gradient_buckets, optimizer_form
+
+    from megavl.data.random_samples import random_batches
+    from megavl.training.step import num_microbatches, train_step
+
+    small = {"perf.overlap_grad_reduce": True, "perf.bucket_size": 20000}
+    config, model, optimizer, scheduler = _trainer_with(megatron_world, small)
+    assert len(gradient_buckets(optimizer)[0]) > 1
+    chunks = optimizer.model_chunks
+    microbatches = num_microbatches(config, 1)
+    train_step(config, chunks, optimizer, scheduler, iter(random_batches(config, microbatches, seed=1)), microbatches)
+    root = str(tmp_path / "ckpt")
+    ckpt.save_checkpoint(root, config, model, optimizer, scheduler, ckpt.TrainState(step=5), None)
+
+    for overrides, restored in ((small, True), ({}, False)):
+        config2, model2, optimizer2, scheduler2 = _trainer_with(megatron_world, overrides)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            ckpt.load_checkpoint(root, model2, optimizer2, scheduler2, form=optimizer_form(config2, 1, optimizer2))
+        assert ("saved in other gradient buckets" in caplog.text) == (not restored), caplog.text
+        if not restored:
+            assert "perf.overlap_grad_reduce and perf.bucket_size" in caplog.text

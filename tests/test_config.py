@@ -155,7 +155,7 @@ def test_missing_file_is_a_config_error(tmp_path):
         (["train.steps"], ["train.steps", "KEY=VALUE"]),
         (["=4"], ["=4", "KEY=VALUE"]),
         (["train.steps.count=3"], ["train.steps", "not a section"]),
-        (["trian.steps=3"], ["trian", "model, parallel, data, train, checkpoint, logging"]),
+        (["trian.steps=3"], ["trian", "model, parallel, perf, data, train, checkpoint, logging"]),
         (["model.lm.hiden_size=3"], ["model.lm.hiden_size", "hidden_size", "num_query_groups"]),
         (["train.lr=[1,"], ["train.lr", "[1,"]),
     ],
@@ -592,3 +592,30 @@ def test_task_evaluation_settings_are_checked():
                                                 "parallel.sequence_parallel=true"], world_size=2)
     # Off (the default), nothing about it is checked.
     validate(load_config(None, ["train.task_eval.samples=0", "data.val_path=null"]), 1)
+
+
+def test_perf_switches_are_decided_with_reasons_and_bad_ones_refused():
+    from megavl.platform.features import Platform
+    from megavl.platform.perf import overlap_grad_reduce, overlap_param_gather, perf_plan
+
+    gpu = Platform(cuda=True, device_count=8, transformer_engine=True, apex=True, dali=True, flex_attention=True)
+    cpu = Platform(cuda=False, device_count=0, transformer_engine=False, apex=False, dali=False, flex_attention=True)
+    config = load_config(None)
+    assert overlap_grad_reduce(config, 8, gpu).on and overlap_param_gather(config, 8, gpu).on
+    assert not overlap_grad_reduce(config, 8, cpu).on and not overlap_param_gather(config, 8, cpu).on
+    assert not overlap_grad_reduce(config, 1, gpu).on  # nothing to reduce
+    # The gather overlaps only with the reduce, and only shards the distributed optimizer made.
+    asked = load_config(None, ["perf.overlap_param_gather=true"])
+    assert overlap_grad_reduce(asked, 1, cpu).on
+    muon = load_config(None, ["train.optimizer=muon"])
+    assert not overlap_param_gather(muon, 8, gpu).on
+    assert "overlap_grad_reduce    off  auto: off without a GPU" in perf_plan(config, 8, cpu)
+
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, ["perf.overlap_param_gather=true", "perf.overlap_grad_reduce=false",
+                                    "parallel.distributed_optimizer=false", "perf.bucket_size=0"]), 1)
+    text = str(info.value)
+    assert "perf.bucket_size = 0: must be a positive number" in text
+    assert "perf.overlap_param_gather = true: needs the distributed optimizer" in text
+    assert "parallel.distributed_optimizer = false" in text
+    assert "perf.overlap_param_gather = true: needs perf.overlap_grad_reduce" in text

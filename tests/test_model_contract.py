@@ -155,3 +155,38 @@ def test_to_device_moves_everything_but_the_image_grids(megatron_world):
     others = {name: value.device.type for name, value in moved.items()
               if torch.is_tensor(value) and name != "image_grid_thw"}
     assert others and set(others.values()) == {"meta"}, others
+
+
+TOWER_CONFIGS = ["tiny_cpu.yaml", "tiny_moe_cpu.yaml", "tiny_siglip_cpu.yaml", "tiny_clip_cpu.yaml",
+                 "tiny_roaya_cpu.yaml", "tiny_smolvlm_cpu.yaml"]
+
+
+@pytest.mark.parametrize("config_name", TOWER_CONFIGS)
+@pytest.mark.parametrize("max_images", [2, 0], ids=["with-images", "text-only"])
+def test_every_trained_parameter_gets_a_gradient_read_in_its_own_modules_forward(megatron_world, config_name,
+                                                                                 max_images):
+    """What megatron's overlapped reduce and gather (perf.overlap_*) rely on, for every tower and
+    microbatches with and without images: each trainable parameter gets a gradient in every
+    microbatch (a bucket is reduced once all of its gradients are in), and it is read inside the
+    forward of the module that holds it (that module's forward pre-hook gathers its new values)."""
+    from megavl.config import load_config
+    from megavl.data.random_samples import random_batches
+    from megavl.models import inputs
+    from megavl.models.build import build_model
+    from megavl.platform.features import detect
+
+    config = load_config(str(ROOT / "examples" / "configs" / config_name), ["parallel.expert=1"])
+    model = build_model(config)
+    called = set()
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda module, *_: called.add(id(module)))
+    batch = inputs.to_device(random_batches(config, 1, seed=5, max_images=max_images)[0], config, detect().device)
+    assert (batch["pixel_values"] is None) == (max_images == 0)
+    inputs.forward(model, batch, config, detect()).sum().backward()
+    owners = {name: module for name, module in model.named_modules()}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None, f"{name} gets no gradient"
+        owner = owners[name.rpartition(".")[0]]
+        assert id(owner) in called, f"{name} is read outside the forward of {type(owner).__name__}"

@@ -113,3 +113,28 @@ def test_tower_layout_matches_single_process(tower_references, tower, name):
     work, single = tower_references(tower)
     config, extra, _ = TOWERS[tower]
     _check_layout(work, config, single, name, grad_norm_rtol=TOWER_GRAD_NORM_RTOL, extra=extra)
+
+
+# megatron's overlapped gradient reduce and parameter all-gather (asynchronous collectives, which
+# gloo runs too), with small buckets so the model spans many, and every microbatch of DP rank 1
+# text only: the vision tower's buckets must still be reduced on that rank (models/vlm.py's blank
+# image), in the same order as on rank 0, or the step would hang or mix buckets. The overlap pads
+# each bucket differently, which moves the distributed optimizer's shard boundaries and so the
+# fp32 partial sums of the gradient norm (7e-6 at step 0 here; the step-2 loss is identical).
+OVERLAP = ["perf.overlap_grad_reduce=true", "perf.overlap_param_gather=true", "perf.bucket_size=20000"]
+
+
+def test_overlapped_reduce_with_a_text_only_rank_matches_single_process(tmp_path):
+    single = tmp_path / "single.json"
+    run_torchrun(1, "train_layout.py", ["--config", str(TINY_CONFIG), "--set", *COMMON, "--text-only-odd",
+                                        "--save-init", str(tmp_path / "init"), "--out", str(single)])
+    overlapped = tmp_path / "dp2.json"
+    run_torchrun(2, "train_layout.py", ["--config", str(TINY_CONFIG), "--set", *COMMON, *OVERLAP,
+                                        "--text-only-odd", "--init", str(tmp_path / "init"), "--out", str(overlapped)])
+    want, got = read_json(single), read_json(overlapped)
+    assert got["answer_tokens"] == want["answer_tokens"]
+    # The losses agree to 1e-8. A weight read outside its module's forward is not gathered by the
+    # pre-hooks and stays stale on the ranks that do not own its shard: the patch embedding's
+    # did, and moved the step-3 loss by 3.5e-6.
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-7)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=TOWER_GRAD_NORM_RTOL)

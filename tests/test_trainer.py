@@ -80,6 +80,27 @@ def test_resume_continues_exactly(data_dir, tmp_path, reference_losses):
     assert [r["loss"] for r in train] == losses[3:]
 
 
+def test_a_checkpoint_under_overlapped_parameter_gather_holds_the_updated_weights(data_dir, tmp_path):
+    """perf.overlap_param_gather leaves the step's updated shards to the next forward's all-gather;
+    a save gathers them first. A restart from step 3 without the gather overlap (whose first
+    forward gathers nothing) but in the same gradient buckets (so the optimizer state loads)
+    repeats steps 4-6 exactly; weights saved before the gather would change them."""
+    buckets = ["perf.overlap_grad_reduce=true", "perf.bucket_size=20000"]
+    run = tmp_path / "overlap"
+    out = _train(2, _overrides(data_dir, run, steps=6, extra=[*buckets, "perf.overlap_param_gather=true"]))
+    assert re.search(r"overlap_param_gather +on +perf.overlap_param_gather = true", out)
+    train, _ = _metrics(run)
+    resumed = tmp_path / "resumed"
+    out = _train(2, _overrides(data_dir, resumed, steps=6,
+                               extra=[*buckets, "perf.overlap_param_gather=false",
+                                      f"checkpoint.load={run}/checkpoints/iter_0000003"]))
+    assert re.search(r"overlap_param_gather +off", out)
+    again, _ = _metrics(resumed)
+    assert [r["step"] for r in again] == [4, 5, 6]
+    assert [r["loss"] for r in again] == [r["loss"] for r in train[3:]]
+    assert [r["grad_norm"] for r in again] == [r["grad_norm"] for r in train[3:]]
+
+
 def test_muon_with_its_layer_wise_distributed_state_resumes_exactly_at_dp2(data_dir, tmp_path):
     """train.optimizer=muon over DP=2: each rank keeps the state of its own weights; a restart
     from step 3 repeats steps 4-6 exactly (the momentum buffers come back)."""

@@ -659,6 +659,14 @@ def _check_fp8(c: _Checks, config: Config) -> None:
         )
 
 
+def _check_perf(c: _Checks, config: Config) -> None:
+    # Imported here: the platform package builds on the config, not the other way round.
+    from megavl.platform.perf import perf_problems
+
+    for problem in perf_problems(config):
+        c.require(False, problem)
+
+
 def validate(config: Config, world_size: int) -> None:
     """Check that config can run on world_size processes.
 
@@ -679,6 +687,7 @@ def validate(config: Config, world_size: int) -> None:
     _check_data(c, config)
     _check_parts(c, config)
     _check_embedding_rows(c, config)
+    _check_perf(c, config)
     c.at_least("checkpoint.interval", config.checkpoint.interval, 0)
     c.at_least("checkpoint.keep_last", config.checkpoint.keep_last, 0)
     c.at_least("checkpoint.keep_every", config.checkpoint.keep_every, 0)

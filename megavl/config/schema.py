@@ -27,6 +27,7 @@ __all__ = [
     "LMConfig",
     "ModelConfig",
     "ParallelConfig",
+    "PerfConfig",
     "ResolutionConfig",
     "MaxPixelScheduleConfig",
     "DataConfig",
@@ -346,6 +347,20 @@ class ParallelConfig:
 
 
 @dataclass
+class PerfConfig:
+    """megatron's performance switches. null (the default) is auto: on where this machine and
+    layout can run it (megavl/platform/perf.py decides and the dry run prints why), off on the CPU;
+    true asks for it and stops the run before start-up when it cannot run, false turns it off."""
+
+    # Gradient reduce (all-reduce / reduce-scatter) bucket by bucket during the backward.
+    overlap_grad_reduce: Optional[bool] = None
+    # The distributed optimizer's parameter all-gather bucket by bucket during the next forward.
+    overlap_param_gather: Optional[bool] = None
+    # Parameters per gradient bucket; null: megatron's max(40M, 1M x DP).
+    bucket_size: Optional[int] = None
+
+
+@dataclass
 class ResolutionConfig:
     """How images are sized; the default for every dataset, and per dataset
     overridable from a metadataset's ``subflavors: {resolution: {...}}``."""
@@ -602,6 +617,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

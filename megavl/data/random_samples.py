@@ -60,8 +60,9 @@ def random_sample(
     return Sample(tokens=tokens, labels=labels, turn_ids=turns, images=images)
 
 
-def random_batches(config: Config, count: int, seed: int, samples_per_row: int = 3) -> list[dict]:
-    """`count` microbatches of micro_batch_size packed rows, deterministic by seed."""
+def random_batches(config: Config, count: int, seed: int, samples_per_row: int = 3, max_images: int = 2) -> list[dict]:
+    """`count` microbatches of micro_batch_size packed rows, deterministic by seed; max_images = 0
+    gives text-only ones."""
     rng = random.Random(seed)
     t, merge = config.train, config.model.vision.spatial_merge_size
     batches = []
@@ -70,7 +71,7 @@ def random_batches(config: Config, count: int, seed: int, samples_per_row: int =
         for _ in range(t.micro_batch_size):
             samples, used = [], 0
             for _ in range(samples_per_row):
-                sample = random_sample(rng, config, conversation_masking=rng.random() < 0.5)
+                sample = random_sample(rng, config, max_images, conversation_masking=rng.random() < 0.5)
                 if used + len(sample) <= t.seq_length:
                     samples.append(sample)
                     used += len(sample)

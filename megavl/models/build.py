@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -10,6 +13,7 @@ from megatron.core.distributed import (
 )
 
 from megavl.config import Config
+from megavl.platform import perf
 from megavl.models.init import initialize_layout_invariant
 from megavl.models.parts import freeze
 from megavl.models.vlm import VisionLanguageModel
@@ -35,17 +39,39 @@ def wrap_for_training(config: Config, model: VisionLanguageModel) -> list[Distri
     freeze(config, model)
     if detect().cuda:
         model.cuda()
+    data_parallel = ps.get_data_parallel_world_size()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        # Muon's distributed form shards whole weights over plain all-reduced gradients
-        # (megavl/training/muon.py), not megatron's reduce-scattered buffers.
-        use_distributed_optimizer=config.parallel.distributed_optimizer and config.train.optimizer != "muon",
+        overlap_grad_reduce=perf.overlap_grad_reduce(config, data_parallel).on,
+        overlap_param_gather=perf.overlap_param_gather(config, data_parallel).on,
+        bucket_size=config.perf.bucket_size,
+        use_distributed_optimizer=perf.uses_distributed_optimizer(config),
     )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     return [ddp]
+
+
+@contextmanager
+def parameters_gathered(chunks: list[DistributedDataParallel]) -> Iterator[None]:
+    """Every rank's copy of the weights up to date with the last optimizer step, for the block.
+
+    With perf.overlap_param_gather the distributed optimizer's updated shards are gathered
+    bucket by bucket by forward pre-hooks in the next training forward, so until then a rank
+    holds only its own shard's new values. What runs outside the training step (evaluation,
+    task evaluation, a checkpoint save) runs in this block, as megatron-LM's loop does it: the
+    pre-hooks are off and the weights gathered at once; the next step's forward finds them
+    gathered. Without the overlap the optimizer step gathered them and this does nothing.
+    """
+    overlapped = [chunk for chunk in chunks if chunk.use_forward_hook]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
 
 
 def local_parameter_counts(model: VisionLanguageModel) -> dict[str, int]:

@@ -82,18 +82,27 @@ def window_segments(coords: torch.Tensor, grid_thw: torch.Tensor, window_patches
     return ((image * max_t + t) * max_side + win_row) * max_side + win_col
 
 
-class PatchEmbedding(torch.nn.Module):
-    """A 3D convolution whose kernel equals its stride: one linear map per patch.
+class _PatchProjection(torch.nn.Conv3d):
+    """A Conv3d weight [hidden, C, T, P, P] (the layout of Qwen2.5-VL's checkpoints) applied as
+    a matmul on flattened patches: the same computation without the convolution overhead.
 
-    Stored as a Conv3d weight [hidden, C, T, P, P] (the layout of Qwen2.5-VL's
-    checkpoints) and applied as a matmul on flattened patches, which is the same
-    computation without the convolution overhead.
+    The weight is read in this module's own forward, as megatron's DDP expects of every
+    parameter: with perf.overlap_param_gather a module's forward pre-hook is what gathers its
+    parameters' updated values, so a weight read from outside its module would stay stale.
     """
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        return F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.bias)
+
+
+class PatchEmbedding(torch.nn.Module):
+    """A 3D convolution whose kernel equals its stride: one linear map per patch."""
 
     def __init__(self, config: VisionConfig, dtype: torch.dtype, bias: bool = False):
         super().__init__()
         v = config
-        self.proj = torch.nn.Conv3d(
+        self.proj = _PatchProjection(
             v.in_channels,
             v.hidden_size,
             kernel_size=(v.temporal_patch_size, v.patch_size, v.patch_size),
@@ -103,8 +112,7 @@ class PatchEmbedding(torch.nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.proj.bias)
+        return self.proj(pixel_values)
 
 
 class VisionRotaryEmbedding(torch.nn.Module):

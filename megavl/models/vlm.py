@@ -125,6 +125,25 @@ class VisionLanguageModel(MegatronModule):
                 inference_context=inference_context,
             )
 
+    def _tower_trains(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for module in (self.vision, self.adapter) for p in module.parameters())
+
+    def _blank_image_term(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Zero, computed from the tower and adapter on one blank image, for a microbatch without images.
+
+        Every trainable parameter then gets a gradient (of zeros) in every microbatch, as
+        megatron's overlapped gradient reduce (perf.overlap_grad_reduce) needs: a bucket is
+        reduced once all its parameters' gradients are in, and a rank whose last microbatch
+        left the tower out would never reduce the tower's buckets while the other ranks wait.
+        The image is the smallest the tower takes (2 x 2 merged tokens), so it costs little.
+        """
+        v = self.vision.vision
+        side = 2 * v.spatial_merge_size
+        grid = torch.tensor([[1, side, side]])  # on the host, as the tower reads grids there
+        pixels = hidden.new_zeros(side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+        return self.adapter(self.vision(pixels, grid)).sum().to(hidden.dtype) * 0.0
+
     def _embed(self, tokens, pixel_values, image_grid_thw) -> torch.Tensor:
         embedding = self.language_model.embedding
         hidden = embedding.word_embeddings(tokens)  # [b, s, h], whole on every TP rank
@@ -148,6 +167,8 @@ class VisionLanguageModel(MegatronModule):
             raise ValueError(
                 f"the batch has {int(image_slots.sum())} image-pad tokens (id {self.image_token_id}) but no images"
             )
+        elif self._tower_trains():
+            hidden = hidden + self._blank_image_term(hidden)
         hidden = hidden.transpose(0, 1).contiguous()  # megatron's [s, b, h]
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)

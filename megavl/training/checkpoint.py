@@ -220,7 +220,7 @@ def save_checkpoint(
     state["config"] = config_to_dict(config)
     state["layout"] = _layout()
     state["trained_parts"] = trained_parts(config)
-    state["optimizer_form"] = optimizer_form(config, ps.get_data_parallel_world_size())
+    state["optimizer_form"] = optimizer_form(config, ps.get_data_parallel_world_size(), optimizer)
 
     def put_in_place():
         _raise_if_failed(_attempt(lambda: publish(root, partial, final)) if rank0 else None, partial)
@@ -319,7 +319,8 @@ def load_checkpoint(
     starts fresh (its saved form follows the TP/PP partitioning), as it does when
     ``trained`` (this run's ``trained_parts``) differs from what the checkpoint
     trained, or ``form`` (this run's ``optimizer_form``) differs from the saved one (another
-    optimizer, or Muon's layer-wise state at another DP size). With optimizer=None only the
+    optimizer, Muon's layer-wise state at another DP size, or the distributed optimizer's state
+    saved in other gradient buckets: other perf.overlap_grad_reduce or perf.bucket_size). With optimizer=None only the
     weights are loaded (fine-tuning or evaluating).
     """
     folder = latest_checkpoint(path)
@@ -337,6 +338,12 @@ def load_checkpoint(
     saved_parts.setdefault("embedding_rows_from", None)  # recorded since embedding expansion
     same_parts = trained is None or saved_parts == trained
     saved_form = common.get("optimizer_form", {"optimizer": "adamw", "layer_wise_data_parallel": None})
+    if form is not None and "gradient_buckets" not in form:
+        saved_form = {k: v for k, v in saved_form.items() if k != "gradient_buckets"}  # not asked about
+    elif form is not None and "gradient_buckets" not in saved_form:
+        # Saved before buckets were recorded, when megatron made one bucket per buffer.
+        one_each = form["gradient_buckets"] is None or all(len(b) == 1 for b in form["gradient_buckets"])
+        saved_form = dict(saved_form, gradient_buckets=form["gradient_buckets"] if one_each else "one per buffer")
     same_form = form is None or saved_form == form
     with_optimizer = optimizer is not None and same_model_split and same_parts and same_form
     if with_optimizer:
@@ -368,8 +375,16 @@ def load_checkpoint(
             folder, saved, now, ", optimizer" if with_optimizer else " (optimizer state starts fresh)",
         )
     if optimizer is not None and not same_form:
-        log.warning("checkpoint %s holds optimizer state of the form %s, this run's is %s: "
-                    "this run's optimizer starts fresh", folder, saved_form, form)
+        buckets_only = {k: v for k, v in saved_form.items() if k != "gradient_buckets"} == {
+            k: v for k, v in form.items() if k != "gradient_buckets"}
+        if buckets_only:
+            log.warning("checkpoint %s holds distributed-optimizer state saved in other gradient buckets "
+                        "(parameters per bucket %s, this run's %s; perf.overlap_grad_reduce and perf.bucket_size "
+                        "decide them): this run's optimizer starts fresh; resume with that run's perf settings "
+                        "to keep it", folder, saved_form["gradient_buckets"], form["gradient_buckets"])
+        else:
+            log.warning("checkpoint %s holds optimizer state of the form %s, this run's is %s: "
+                        "this run's optimizer starts fresh", folder, saved_form, form)
     if optimizer is not None and not same_parts:
         log.warning("checkpoint %s trained other parts or multipliers (train.parts) than this run: "
                     "its optimizer state is not restored; this run's optimizer starts fresh", folder)

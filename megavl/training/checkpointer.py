@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megavl.config import Config, replace_field
+from megavl.models.build import parameters_gathered
 from megavl.models.parts import trained_parts
 from megavl.training.checkpoint import (
     BackgroundSaves,
@@ -83,9 +84,12 @@ def stage_lineage(pretrained: str) -> list[dict]:
 
 
 class Checkpointer:
-    def __init__(self, config: Config, model, optimizer, scheduler, data, metrics):
+    def __init__(self, config: Config, model, optimizer, scheduler, data, metrics, chunks=()):
+        """chunks: the DDP-wrapped model chunks, whose weights a save brings up to date first
+        (perf.overlap_param_gather leaves them to the next forward)."""
         self.config = config
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.chunks = list(chunks)
         self.data = data  # the training stream, whose position is saved with the weights
         self.metrics = metrics
         self.dir = config.checkpoint.dir
@@ -101,7 +105,7 @@ class Checkpointer:
         if c.load:
             state = load_checkpoint(c.load, self.model, self.optimizer, self.scheduler, self.data,
                                     trained=trained_parts(self.config),
-                                    form=optimizer_form(self.config, ps.get_data_parallel_world_size()))
+                                    form=optimizer_form(self.config, ps.get_data_parallel_world_size(), self.optimizer))
             self.metrics.message(f"resumed from {latest_checkpoint(c.load)} at step {state.step}")
         elif c.pretrained:
             fresh = load_model_weights(self.model, c.pretrained, allow_fresh_adapters=True)
@@ -149,6 +153,10 @@ class Checkpointer:
         self.poll(wait=True)
 
     def _write(self, state: TrainState, background: Optional[BackgroundSaves]) -> None:
+        with parameters_gathered(self.chunks):
+            self._write_gathered(state, background)
+
+    def _write_gathered(self, state: TrainState, background: Optional[BackgroundSaves]) -> None:
         if not parameters_finite(self.model):
             raise CheckpointSaveError(
                 f"not saving step {state.step} to {self.dir}: the parameters hold NaN or inf values; "

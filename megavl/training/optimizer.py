@@ -4,6 +4,8 @@ the learning-rate schedule: linear warmup, then cosine, linear, constant or WSD
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -39,12 +41,30 @@ def build_optimizer(config: Config, model_chunks: list):
     return optimizer
 
 
-def optimizer_form(config: Config, data_parallel: int) -> dict:
+def optimizer_form(config: Config, data_parallel: int, optimizer=None) -> dict:
     """What a saved optimizer state depends on beyond the parts (checkpoints record it): the
-    optimizer, and for Muon's layer-wise distributed state the DP size that assigned each rank
-    its weights."""
+    optimizer, for Muon's layer-wise distributed state the DP size that assigned each rank
+    its weights, and (given the optimizer) the distributed optimizer's gradient buckets."""
     layer_wise = config.train.optimizer == "muon" and config.parallel.distributed_optimizer
-    return {"optimizer": config.train.optimizer, "layer_wise_data_parallel": data_parallel if layer_wise else None}
+    form = {"optimizer": config.train.optimizer, "layer_wise_data_parallel": data_parallel if layer_wise else None}
+    if optimizer is not None:
+        form["gradient_buckets"] = gradient_buckets(optimizer)
+    return form
+
+
+def gradient_buckets(optimizer) -> Optional[list[list[int]]]:
+    """The parameters per gradient bucket of each of the distributed optimizer's buffers; None
+    without the distributed optimizer.
+
+    Its state is saved bucket by bucket (dp-reshardable), so it loads only into the same
+    buckets. perf.overlap_grad_reduce and perf.bucket_size decide them (megatron makes one
+    bucket per buffer without the overlap); the DP size changes only their padding, which
+    these counts leave out, so a checkpoint still loads at another DP size.
+    """
+    buckets = [[bucket.numel_unpadded for bucket in buffer.buckets]
+               for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+               for buffer in getattr(inner, "buffers", [])]
+    return buckets or None
 
 
 def _expert_optimizer_uses_expert_tp_group(optimizer) -> None:

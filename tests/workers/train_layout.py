@@ -25,6 +25,8 @@ def parse_args():
     parser.add_argument("--save-init", help="save the freshly initialised weights here")
     parser.add_argument("--save-final", help="save the weights after training here")
     parser.add_argument("--logits", action="store_true", help="record logits on a fixed batch")
+    parser.add_argument("--text-only-odd", action="store_true",
+                        help="odd global microbatches hold no image (at DP=2, all of DP rank 1's)")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -98,6 +100,9 @@ def main():
     microbatches = num_microbatches(config, layout.data)
     per_step = microbatches * layout.data
     batches = random_batches(config, per_step * args.steps, seed=args.data_seed)
+    if args.text_only_odd:
+        text = random_batches(config, per_step * args.steps, seed=args.data_seed + 1, max_images=0)
+        batches = [text[i] if i % 2 else batch for i, batch in enumerate(batches)]
     results = {"loss": [], "grad_norm": [], "answer_tokens": []}
     for step in range(args.steps):
         step_batches = batches[step * per_step : (step + 1) * per_step]

@@ -1,0 +1,86 @@
+"""Which of megatron's performance switches (the config's ``perf`` section) a run turns on, and why.
+
+Each switch is null (auto), true or false. Auto turns a switch on where it helps and this
+machine and layout can run it; true asks for it, and a machine or layout that cannot run it
+stops the run before start-up (``check_perf_platform``); false turns it off. ``perf_plan``
+says what was decided, for the dry run and the start-up log.
+
+What the CPU runs: the overlapped gradient reduce and parameter all-gather are megatron's
+asynchronous collectives, which gloo runs too (so the CPU tests can check them); auto turns
+them on only on GPUs, where a backward and a collective run at the same time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megavl.config import Config
+from megavl.platform.features import Platform, detect
+
+
+@dataclass(frozen=True)
+class Switch:
+    on: bool
+    why: str
+
+
+def uses_distributed_optimizer(config: Config) -> bool:
+    # Muon's distributed form shards whole weights over plain all-reduced gradients
+    # (megavl/training/muon.py), not megatron's reduce-scattered buffers.
+    return config.parallel.distributed_optimizer and config.train.optimizer != "muon"
+
+
+def overlap_grad_reduce(config: Config, data_parallel: int, platform: Optional[Platform] = None) -> Switch:
+    asked = config.perf.overlap_grad_reduce
+    if asked is not None:
+        return Switch(asked, f"perf.overlap_grad_reduce = {str(asked).lower()}")
+    if config.perf.overlap_param_gather:
+        return Switch(True, "auto: on, as perf.overlap_param_gather = true needs it")
+    platform = platform or detect()
+    if not platform.cuda:
+        return Switch(False, "auto: off without a GPU (a CPU runs the backward and the collectives in turn)")
+    if data_parallel == 1 and config.parallel.expert == 1:
+        return Switch(False, "auto: off with one data-parallel rank (nothing to reduce)")
+    return Switch(True, "auto: on, each gradient bucket is reduced while the backward goes on")
+
+
+def overlap_param_gather(config: Config, data_parallel: int, platform: Optional[Platform] = None) -> Switch:
+    asked = config.perf.overlap_param_gather
+    if asked is not None:
+        return Switch(asked, f"perf.overlap_param_gather = {str(asked).lower()}")
+    if not uses_distributed_optimizer(config):
+        return Switch(False, "auto: off, the parameters are not sharded (no distributed optimizer)")
+    if not overlap_grad_reduce(config, data_parallel, platform).on:
+        return Switch(False, "auto: off, as the gradient reduce is not overlapped")
+    return Switch(True, "auto: on, each bucket's updated parameters are gathered while the next forward goes on")
+
+
+def perf_problems(config: Config) -> list[str]:
+    """What is wrong with the perf section whatever the machine (config/checks.py reports these)."""
+    p = config.perf
+    problems = []
+    if p.bucket_size is not None and p.bucket_size <= 0:
+        problems.append(f"perf.bucket_size = {p.bucket_size}: must be a positive number of parameters, "
+                        "or null for megatron's default")
+    if p.overlap_param_gather:
+        if not uses_distributed_optimizer(config):
+            why = ("train.optimizer = muon keeps whole weights" if config.parallel.distributed_optimizer
+                   else "parallel.distributed_optimizer = false")
+            problems.append(f"perf.overlap_param_gather = true: needs the distributed optimizer, which shards "
+                            f"the parameters it gathers ({why})")
+        if p.overlap_grad_reduce is False:
+            problems.append("perf.overlap_param_gather = true: needs perf.overlap_grad_reduce (true or null), "
+                            "megatron overlaps the gather only together with the reduce")
+    return problems
+
+
+def perf_plan(config: Config, data_parallel: int, platform: Optional[Platform] = None) -> str:
+    """One line per switch: on or off and why."""
+    lines = ["performance switches (perf):"]
+    for name, switch in (("overlap_grad_reduce", overlap_grad_reduce(config, data_parallel, platform)),
+                         ("overlap_param_gather", overlap_param_gather(config, data_parallel, platform))):
+        lines.append(f"  {name:<22} {'on' if switch.on else 'off':<4} {switch.why}")
+    bucket = config.perf.bucket_size
+    lines.append(f"  {'bucket_size':<22} {bucket if bucket else 'max(40M, 1M x DP) parameters (megatron)'}")
+    return "\n".join(lines)
