@@ -105,11 +105,7 @@ def _check_same_layout(named: dict[str, Tensor]) -> None:
 
 
 def _check_min(name: str, ids: Tensor, minimum: int, meaning: str) -> None:
-    """Catch out-of-range ids; a stray -2 would otherwise be silently misread.
-
-    On CUDA this costs one host sync per tensor, which is negligible once per
-    batch and far cheaper than debugging a silently wrong mask.
-    """
+    """Catch out-of-range ids; a stray -2 would otherwise be silently misread."""
     smallest = int(ids.min())
     if smallest < minimum:
         raise ValueError(
@@ -123,6 +119,15 @@ def _validate_vlm_ids(document_ids: Tensor, image_ids: Tensor, turn_ids: Tensor)
     for name, ids in named.items():
         _check_id_tensor(name, ids)
     _check_same_layout(named)
+    # Reading the values of ids on an accelerator would cost a host sync per tensor in every
+    # microbatch; there models.inputs.to_device checks the host copies (check_id_values) before
+    # moving them, and the checks here are the free ones.
+    if document_ids.device.type == "cpu":
+        check_id_values(document_ids, image_ids, turn_ids)
+
+
+def check_id_values(document_ids: Tensor, image_ids: Tensor, turn_ids: Tensor) -> None:
+    """ValueError naming the tensor when an id is below its sentinel."""
     _check_min("document_ids", document_ids, PAD_DOCUMENT_ID, "-1 = padding, >= 0 = document index")
     _check_min("image_ids", image_ids, TEXT_IMAGE_ID, "-1 = text, >= 0 = image index")
     _check_min("turn_ids", turn_ids, SHARED_TURN_ID, "0 = shared context, >= 1 = QA turn")

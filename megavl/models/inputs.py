@@ -12,7 +12,7 @@ from typing import Optional, TypedDict
 
 import torch
 
-from megavl.attention.mask import PAD_DOCUMENT_ID, TEXT_IMAGE_ID, materialize, vlm_mask_mod
+from megavl.attention.mask import PAD_DOCUMENT_ID, TEXT_IMAGE_ID, check_id_values, materialize, vlm_mask_mod
 from megavl.config import Config
 
 # Label of a position that takes no loss (PyTorch's cross-entropy convention).
@@ -24,6 +24,7 @@ __all__ = [
     "TEXT_IMAGE_ID",
     "Microbatch",
     "attention_mask_for",
+    "check_image_tokens",
     "forward",
     "to_device",
 ]
@@ -48,8 +49,33 @@ class Microbatch(TypedDict):
 HOST_FIELDS = frozenset({"image_grid_thw"})
 
 
+def check_image_tokens(tokens: torch.Tensor, image_grid_thw: Optional[torch.Tensor], image_token_id: int,
+                       merge: int) -> None:
+    """ValueError unless the image-pad tokens are as many as the images' merged patches.
+
+    Checked before the vision tower runs: a mismatch would otherwise cost a whole ViT pass.
+    """
+    slots = int((tokens == image_token_id).sum())
+    has_images = image_grid_thw is not None and len(image_grid_thw) > 0
+    expected = int(image_grid_thw.prod(dim=-1).sum()) // (merge * merge) if has_images else 0
+    if slots != expected:
+        raise ValueError(
+            f"the batch has {slots} image-pad tokens (id {image_token_id}) but "
+            + (f"its images give {expected} embeddings (grid_thw={image_grid_thw.tolist()}); "
+               "each image needs t*h*w/merge^2 pad tokens" if has_images else "no images")
+        )
+
+
 def to_device(batch: Microbatch, config: Config, device: torch.device) -> Microbatch:
-    """Moves a microbatch to the device (all but HOST_FIELDS) and shapes position ids for the configured RoPE."""
+    """Moves a microbatch to the device (all but HOST_FIELDS) and shapes position ids for the configured RoPE.
+
+    The checks that read values (ids against their sentinels, image-pad tokens against the
+    images) run here on the host copies, so that on an accelerator the forward reads none back.
+    """
+    if batch["tokens"].device.type == "cpu":
+        check_id_values(batch["document_ids"], batch["image_ids"], batch["turn_ids"])
+        check_image_tokens(batch["tokens"], batch["image_grid_thw"], config.model.lm.image_token_id,
+                           config.model.vision.spatial_merge_size)
     moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_FIELDS else v)
              for k, v in batch.items()}
     if config.model.lm.rope == "1d":

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megavl.config import Config
 from megavl.models.adapter import build_adapter
+from megavl.models.inputs import check_image_tokens
 from megavl.models.interleaved_mrope import InterleavedMultimodalRotaryEmbedding
 from megavl.models.modality import vision_tokens
 from megavl.models.specs import layer_spec, lm_block_spec
@@ -149,24 +150,15 @@ class VisionLanguageModel(MegatronModule):
         hidden = embedding.word_embeddings(tokens)  # [b, s, h], whole on every TP rank
         image_slots = tokens == self.image_token_id
         has_images = image_grid_thw is not None and len(image_grid_thw) > 0
+        if tokens.device.type == "cpu":
+            # On an accelerator this would read the tokens back; models.inputs.to_device checked
+            # the host copy before moving it.
+            check_image_tokens(tokens, image_grid_thw, self.image_token_id, self.vision.vision.spatial_merge_size)
         if has_images:
-            # Checked before the encoder runs: a mismatch would otherwise cost a whole ViT pass.
-            merge = self.vision.vision.spatial_merge_size
-            expected = int(image_grid_thw.prod(dim=-1).sum()) // (merge * merge)
-            if expected != int(image_slots.sum()):
-                raise ValueError(
-                    f"the batch has {int(image_slots.sum())} image-pad tokens (id {self.image_token_id}) "
-                    f"but its images give {expected} embeddings "
-                    f"(grid_thw={image_grid_thw.tolist()}); each image needs t*h*w/merge^2 pad tokens"
-                )
             # A vision tower frozen entirely builds no autograd graph and keeps no
             # activations: none of its inputs or parameters requires a gradient.
             image_embeds = self.adapter(self.vision(pixel_values, image_grid_thw))
             hidden = hidden.masked_scatter(image_slots[..., None], image_embeds.to(hidden.dtype))
-        elif bool(image_slots.any()):
-            raise ValueError(
-                f"the batch has {int(image_slots.sum())} image-pad tokens (id {self.image_token_id}) but no images"
-            )
         elif self._tower_trains():
             hidden = hidden + self._blank_image_term(hidden)
         hidden = hidden.transpose(0, 1).contiguous()  # megatron's [s, b, h]

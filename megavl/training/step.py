@@ -62,11 +62,11 @@ def make_forward_step(config: Config):
 
 def reduce_step_loss(losses: list[dict]) -> tuple[float, int]:
     """(mean answer-token loss, answer tokens) over all microbatches and DP ranks, on every rank."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for item in losses:
-        total += item["lm loss"].to(torch.float64).cpu()
     device = detect().device
-    total = total.to(device)
+    # Summed on the device: the one read of the step's loss is the tolist below.
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for item in losses:
+        total += item["lm loss"].to(device, torch.float64)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     # Only the last pipeline stage computed losses; share them with the other stages.
     if ps.get_pipeline_model_parallel_world_size() > 1:
