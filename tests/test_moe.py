@@ -38,6 +38,10 @@ LAYOUTS = {
     "TP2-SP-EP2-allgather": (
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
          "model.lm.moe.dispatcher=allgather"], []),
+    # Every LM and vision layer recomputed in the backward, experts and vision LoRA included.
+    "TP2-SP-EP2-recompute": (
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
+         "perf.recompute_lm=full", "perf.recompute_vision=full"], []),
 }
 
 

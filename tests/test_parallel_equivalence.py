@@ -26,6 +26,12 @@ LAYOUTS = {
     "DP2": (2, []),
     "MB2": (1, ["train.micro_batch_size=2"]),
     "DP2-MB2": (2, ["train.micro_batch_size=2"]),
+    # Activation recompute of every LM and vision layer (megavl/models/recompute.py) under the
+    # layouts that split a layer (TP with SP) or stage the layers (PP).
+    "TP2-SP-recompute": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", NO_TASK_EVAL,
+                             "perf.recompute_lm=full", "perf.recompute_vision=full"]),
+    "PP2-recompute": (2, ["parallel.pipeline=2", NO_TASK_EVAL, "perf.recompute_lm=full",
+                          "perf.recompute_lm_layers=1", "perf.recompute_vision=full"]),
 }
 RTOL = 1e-5
 # The other vision towers and projectors (SigLIP + pixel shuffle with sequential 1-D positions,

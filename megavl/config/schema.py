@@ -146,6 +146,8 @@ FP8Format = Literal["e4m3", "hybrid"]
 FP8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 FP8AmaxComputeAlgo = Literal["max", "most_recent"]
 
+Recompute = Literal["none", "full"]
+
 # The same choices as tuples, for code that iterates over them.
 ROPE_KINDS = get_args(RopeKind)
 MOE_DISPATCHERS = get_args(MoEDispatcher)
@@ -358,6 +360,12 @@ class PerfConfig:
     overlap_param_gather: Optional[bool] = None
     # Parameters per gradient bucket; null: megatron's max(40M, 1M x DP).
     bucket_size: Optional[int] = None
+    # Activation recompute, per tower: full drops a layer's activations after its forward and
+    # recomputes them in the backward (megavl/models/recompute.py); none keeps them.
+    recompute_lm: Recompute = "none"
+    # With recompute_lm = full: the first N LM layers of each pipeline stage (null: all of them).
+    recompute_lm_layers: Optional[int] = None
+    recompute_vision: Recompute = "none"
 
 
 @dataclass

@@ -57,6 +57,21 @@ def expert_rows(flags: torch.Tensor) -> contextlib.AbstractContextManager:
     return _flags(expert_rows=flags)
 
 
+def current_flags() -> VisionFlags:
+    """All the flags now set, to set again later with ``restored`` (activation recompute)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def restored(flags: VisionFlags) -> Iterator[None]:
+    """Sets flags taken with ``current_flags``, e.g. while the backward recomputes a layer."""
+    token = _CURRENT.set(flags)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
 def current_vision_mask() -> Optional[torch.Tensor]:
     """bool [s, b] for the whole sequence, or None outside a VLM forward."""
     return _CURRENT.get().sequence

@@ -21,6 +21,7 @@ from megavl.models.adapter import build_adapter
 from megavl.models.inputs import check_image_tokens
 from megavl.models.interleaved_mrope import InterleavedMultimodalRotaryEmbedding
 from megavl.models.modality import vision_tokens
+from megavl.models.recompute import recompute_layers
 from megavl.models.specs import layer_spec, lm_block_spec
 from megavl.config.towers import tower_traits
 from megavl.models.transformer_configs import (
@@ -82,6 +83,7 @@ class VisionLanguageModel(MegatronModule):
             # Image embeddings are spliced in before the sequence is split for SP.
             scatter_embedding_sequence_parallel=False,
         )
+        self._set_up_recompute(config)
         if lm.rope == "mrope" and lm.mrope_layout == "interleaved":
             # Qwen3-VL's layout of the frequencies over t/h/w; the same angles' shape, so GPTModel takes it as it is.
             old = self.language_model.rotary_pos_emb
@@ -89,6 +91,15 @@ class VisionLanguageModel(MegatronModule):
                 kv_channels=lm_config.kv_channels, rotary_percent=1.0, rotary_interleaved=lm_config.rotary_interleaved,
                 seq_len_interpolation_factor=old.seq_len_interpolation_factor, rotary_base=lm.rope_theta,
             )
+
+    def _set_up_recompute(self, config: Config) -> None:
+        """perf.recompute_*: the chosen layers of this stage recompute their activations in the backward."""
+        perf = config.perf
+        if perf.recompute_lm == "full":
+            layers = list(self.language_model.decoder.layers)
+            recompute_layers(layers[: perf.recompute_lm_layers or len(layers)])
+        if perf.recompute_vision == "full" and self.pre_process:
+            recompute_layers([*self.vision.layers, *getattr(self.vision, "window_layers", [])])
 
     # -- pipeline plumbing: megatron's schedules and finalize_model_grads call these --
     def set_input_tensor(self, input_tensor) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from megavl.config import Config
+from megavl.config import Config, lm_layers_per_stage
 from megavl.platform.features import Platform, detect
 
 
@@ -63,6 +63,25 @@ def perf_problems(config: Config) -> list[str]:
     if p.bucket_size is not None and p.bucket_size <= 0:
         problems.append(f"perf.bucket_size = {p.bucket_size}: must be a positive number of parameters, "
                         "or null for megatron's default")
+    recomputes = [f"perf.recompute_{tower} = full" for tower in ("lm", "vision")
+                  if getattr(p, f"recompute_{tower}") == "full"]
+    if p.recompute_lm_layers is not None:
+        if p.recompute_lm != "full":
+            problems.append(f"perf.recompute_lm_layers = {p.recompute_lm_layers}: counts the recomputed LM layers "
+                            f"of perf.recompute_lm = full, but perf.recompute_lm = {p.recompute_lm}")
+        elif p.recompute_lm_layers < 1:
+            problems.append(f"perf.recompute_lm_layers = {p.recompute_lm_layers}: must be >= 1 (null: every layer)")
+        else:
+            fewest = min(lm_layers_per_stage(config))
+            if p.recompute_lm_layers > fewest:
+                problems.append(f"perf.recompute_lm_layers = {p.recompute_lm_layers}: a pipeline stage has only "
+                                f"{fewest} LM layers (per stage: {lm_layers_per_stage(config)}); null recomputes all")
+    if recomputes and config.train.dropout > 0:
+        problems.append(f"{' and '.join(recomputes)}: needs train.dropout = 0 (it is {config.train.dropout}); "
+                        "the recompute would draw other dropout masks in tensor-parallel regions")
+    if recomputes and config.train.fp8 is not None:
+        problems.append(f"{' and '.join(recomputes)}: not with train.fp8 = {config.train.fp8} (a recomputed FP8 "
+                        "forward would record its amaxes twice); leave train.fp8 unset or the recompute off")
     if p.overlap_param_gather:
         if not uses_distributed_optimizer(config):
             why = ("train.optimizer = muon keeps whole weights" if config.parallel.distributed_optimizer
@@ -81,6 +100,10 @@ def perf_plan(config: Config, data_parallel: int, platform: Optional[Platform] =
     for name, switch in (("overlap_grad_reduce", overlap_grad_reduce(config, data_parallel, platform)),
                          ("overlap_param_gather", overlap_param_gather(config, data_parallel, platform))):
         lines.append(f"  {name:<22} {'on' if switch.on else 'off':<4} {switch.why}")
-    bucket = config.perf.bucket_size
-    lines.append(f"  {'bucket_size':<22} {bucket if bucket else 'max(40M, 1M x DP) parameters (megatron)'}")
+    p = config.perf
+    lines.append(f"  {'bucket_size':<22} {p.bucket_size if p.bucket_size else 'max(40M, 1M x DP) parameters (megatron)'}")
+    lm_layers = "every LM layer" if p.recompute_lm_layers is None else f"the first {p.recompute_lm_layers} LM layers of each stage"
+    lines.append(f"  {'recompute_lm':<22} {p.recompute_lm:<4} " + (lm_layers if p.recompute_lm == "full" else "activations kept"))
+    lines.append(f"  {'recompute_vision':<22} {p.recompute_vision:<4} "
+                 + ("every vision layer" if p.recompute_vision == "full" else "activations kept"))
     return "\n".join(lines)
