@@ -619,3 +619,11 @@ def test_perf_switches_are_decided_with_reasons_and_bad_ones_refused():
     assert "perf.overlap_param_gather = true: needs the distributed optimizer" in text
     assert "parallel.distributed_optimizer = false" in text
     assert "perf.overlap_param_gather = true: needs perf.overlap_grad_reduce" in text
+
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, ["perf.recompute_lm_layers=2", "perf.recompute_vision=full", "train.dropout=0.1"]), 1)
+    text = str(info.value)
+    assert "perf.recompute_lm_layers = 2: counts the recomputed LM layers of perf.recompute_lm = full" in text
+    assert "perf.recompute_vision = full: needs train.dropout = 0 (it is 0.1)" in text
+    with pytest.raises(ConfigError, match="a pipeline stage has only 2 LM layers"):
+        validate(load_config(None, ["perf.recompute_lm=full", "perf.recompute_lm_layers=3", "parallel.pipeline=2"]), 2)
