@@ -44,8 +44,8 @@ def dry_run(config, world_size: int) -> None:
     """Everything here comes from the config: nothing is allocated, no process group is made."""
     from megavl.config import data_parallel_size, dump_config, lm_layers_per_stage, validate
     from megavl.models.param_count import active_language_model_parameters, total_parameter_counts
-    from megavl.platform.perf import perf_plan
     from megavl.models.precision import fp8_platform_problems, precision_plan
+    from megavl.platform.perf import fusion_platform_problems, perf_plan
 
     validate(config, world_size)
     p = config.parallel
@@ -65,7 +65,7 @@ def dry_run(config, world_size: int) -> None:
     print(precision_plan(config))
     print(perf_plan(config, data_parallel_size(config, world_size)))
     # The dry run often runs where the job will not (a login node): say what this machine lacks, go on.
-    problems = fp8_platform_problems(config)
+    problems = fp8_platform_problems(config) + fusion_platform_problems(config)
     if problems:
         print("on this machine: " + "; ".join(problems))
 
@@ -92,8 +92,8 @@ def train(config) -> None:
     from megavl.models.build import build_model, parameters_gathered, wrap_for_training
     from megavl.models.parts import describe as describe_parts
     from megavl.models.parts import part_counts
-    from megavl.platform.perf import perf_plan
     from megavl.models.precision import check_fp8_platform, precision_plan
+    from megavl.platform.perf import check_perf_platform, perf_plan
     from megavl.platform.distributed import init_distributed, set_seed, shutdown
     from megavl.platform.features import detect, layer_backend_for
     from megavl.training.checkpointer import Checkpointer, with_resume_resolved
@@ -121,6 +121,7 @@ def train(config) -> None:
     check_fp8_platform(config)  # train.fp8 on a machine without TE or an FP8-capable GPU stops here
     metrics.message(layout.describe())
     metrics.message(perf_plan(config, layout.data))
+    check_perf_platform(config)  # a fused kernel asked for that this machine cannot run stops here
     config = with_resume_resolved(config, metrics)
     config = _with_image_backend_chosen(config, metrics)
     config = _with_decode_place_chosen(config, metrics)
@@ -372,6 +373,12 @@ def main() -> None:
     if args.dry_run:
         dry_run(config, args.world_size or world_size_from_env())
     else:
+        from megavl.platform.perf import cuda_connection_setting
+
+        # Read when CUDA starts, so set before anything touches the GPU.
+        connections = cuda_connection_setting(config, os.environ)
+        if connections is not None:
+            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = connections
         train(config)
 
 

@@ -1,5 +1,6 @@
 import argparse
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -609,7 +610,7 @@ def test_perf_switches_are_decided_with_reasons_and_bad_ones_refused():
     assert overlap_grad_reduce(asked, 1, cpu).on
     muon = load_config(None, ["train.optimizer=muon"])
     assert not overlap_param_gather(muon, 8, gpu).on
-    assert "overlap_grad_reduce    off  auto: off without a GPU" in perf_plan(config, 8, cpu)
+    assert re.search(r"overlap_grad_reduce +off +auto: off without a GPU", perf_plan(config, 8, cpu))
 
     with pytest.raises(ConfigError) as info:
         validate(load_config(None, ["perf.overlap_param_gather=true", "perf.overlap_grad_reduce=false",
@@ -627,3 +628,41 @@ def test_perf_switches_are_decided_with_reasons_and_bad_ones_refused():
     assert "perf.recompute_vision = full: needs train.dropout = 0 (it is 0.1)" in text
     with pytest.raises(ConfigError, match="a pipeline stage has only 2 LM layers"):
         validate(load_config(None, ["perf.recompute_lm=full", "perf.recompute_lm_layers=3", "parallel.pipeline=2"]), 2)
+
+
+def test_fused_kernels_asked_for_are_refused_where_they_cannot_run():
+    from megavl.platform.features import Platform
+    from megavl.platform.perf import fusion_platform_problems, fusions, transformer_fields
+
+    gpu = Platform(cuda=True, device_count=8, transformer_engine=True, apex=True, dali=True, flex_attention=True)
+    cpu = Platform(cuda=False, device_count=0, transformer_engine=False, apex=False, dali=False, flex_attention=True)
+    config = load_config(None, ["model.lm.vision_lora.mlp_rank=0", "model.lm.vision_lora.attn_rank=0"])
+    on = {name: switch.on for name, switch in fusions(config, gpu).items()}
+    # mrope (the default LM) has one position table per row: TE's fused RoPE stays off.
+    assert on == {"gradient_accumulation_fusion": True, "bias_activation_fusion": True, "rope_fusion": False,
+                  "moe_permute_fusion": False, "cross_entropy_fusion": True}
+    assert not any(switch.on for switch in fusions(config, cpu).values())
+    assert transformer_fields(config, "lm", gpu)["cross_entropy_fusion_impl"] == "te"
+    assert set(transformer_fields(config, "vision", gpu)) == {"gradient_accumulation_fusion"}
+
+    asked = load_config(None, ["perf.gradient_accumulation_fusion=true", "perf.rope_fusion=true",
+                               "perf.moe_permute_fusion=true", "perf.cross_entropy_fusion=true"])
+    problems = "\n".join(fusion_platform_problems(asked, cpu))
+    assert "perf.gradient_accumulation_fusion = true: it needs a CUDA GPU" in problems
+    assert "perf.rope_fusion = true: it needs a CUDA GPU" in problems
+    assert "perf.moe_permute_fusion = true: it needs a CUDA GPU" in problems
+    assert "perf.cross_entropy_fusion = true: megatron's own fused cross-entropy" in problems
+    assert "train.dtype = fp32" in problems
+    on_gpu = "\n".join(fusion_platform_problems(asked, gpu))
+    assert "model.lm.rope = mrope: TE's fused RoPE takes one position table" in on_gpu
+    assert "perf.moe_permute_fusion = true: the LM has no experts" in on_gpu
+    # megatron's own fused cross-entropy runs on the CPU, in bf16.
+    assert not fusion_platform_problems(load_config(None, ["perf.cross_entropy_fusion=true", "train.dtype=bf16"]), cpu)
+
+
+def test_the_trainer_sets_one_cuda_connection_under_tensor_parallelism_unless_told_otherwise():
+    from megavl.platform.perf import cuda_connection_setting
+
+    assert cuda_connection_setting(load_config(None, ["parallel.tensor=2"]), {}) == "1"
+    assert cuda_connection_setting(load_config(None, ["parallel.tensor=2"]), {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}) is None
+    assert cuda_connection_setting(load_config(None), {}) is None

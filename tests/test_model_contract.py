@@ -182,7 +182,13 @@ def test_every_trained_parameter_gets_a_gradient_read_in_its_own_modules_forward
         module.register_forward_pre_hook(lambda module, *_: called.add(id(module)))
     batch = inputs.to_device(random_batches(config, 1, seed=5, max_images=max_images)[0], config, detect().device)
     assert (batch["pixel_values"] is None) == (max_images == 0)
-    inputs.forward(model, batch, config, detect()).sum().backward()
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    try:
+        inputs.forward(model, batch, config, detect()).sum().backward()
+    finally:
+        # A backward outside megatron's schedule leaves the MoE aux-loss scale 0-d (see test_flops).
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
     owners = {name: module for name, module in model.named_modules()}
     for name, p in model.named_parameters():
         if not p.requires_grad:

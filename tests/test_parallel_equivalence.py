@@ -144,3 +144,23 @@ def test_overlapped_reduce_with_a_text_only_rank_matches_single_process(tmp_path
     # did, and moved the step-3 loss by 3.5e-6.
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-7)
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=TOWER_GRAD_NORM_RTOL)
+
+
+def test_the_fused_cross_entropy_trains_like_the_unfused_one(tmp_path):
+    """perf.cross_entropy_fusion with megatron's own kernel (no Transformer Engine here), in bf16,
+    which it needs: the same in one process, and under TP=2 (the vocabulary split) within
+    bf16's rounding of the unfused single process."""
+    bf16 = [*COMMON, "train.dtype=bf16"]
+    runs = {}
+    for name, processes, extra in (("unfused", 1, []), ("fused", 1, ["perf.cross_entropy_fusion=true"]),
+                                   ("fused-TP2", 2, ["perf.cross_entropy_fusion=true", "parallel.tensor=2"])):
+        out = tmp_path / f"{name}.json"
+        init = ["--save-init" if name == "unfused" else "--init", str(tmp_path / "init")]
+        run_torchrun(processes, "train_layout.py", ["--config", str(TINY_CONFIG), "--set", *bf16, *extra, *init,
+                                                    "--out", str(out)])
+        runs[name] = read_json(out)
+    # The compiled kernel sums the loss in another order (1e-8 here); the gradients are the same.
+    assert runs["fused"]["loss"] == pytest.approx(runs["unfused"]["loss"], rel=1e-6)
+    assert runs["fused"]["grad_norm"] == pytest.approx(runs["unfused"]["grad_norm"], rel=1e-6)
+    assert runs["fused-TP2"]["loss"] == pytest.approx(runs["unfused"]["loss"], rel=1e-4)
+    assert runs["fused-TP2"]["grad_norm"] == pytest.approx(runs["unfused"]["grad_norm"], rel=1e-3)

@@ -33,13 +33,20 @@ def _forward_backward(config_path, overrides, batches):
         saved.append(tensor.numel() * tensor.element_size())
         return tensor
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     clear_aux_losses_tracker()
     RouterStatistics.start()
-    for batch in batches:
-        batch = inputs.to_device(batch, config, detect().device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = (inputs.forward(model, batch, config, detect()) * batch["loss_mask"]).sum()
-        loss.backward()
+    try:
+        for batch in batches:
+            batch = inputs.to_device(batch, config, detect().device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = (inputs.forward(model, batch, config, detect()) * batch["loss_mask"]).sum()
+            loss.backward()
+    finally:
+        # A backward outside megatron's schedule leaves the MoE aux-loss scale as megatron's
+        # 0-d default, which the schedule's later [1]-shaped set_loss_scale cannot copy into.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
     statistics = RouterStatistics.stop()
     logged = {name: entry["values"].clone() for name, entry in get_moe_layer_wise_logging_tracker().items()}
     clear_aux_losses_tracker()

@@ -360,6 +360,16 @@ class PerfConfig:
     overlap_param_gather: Optional[bool] = None
     # Parameters per gradient bucket; null: megatron's max(40M, 1M x DP).
     bucket_size: Optional[int] = None
+    # Fused kernels (CUDA only): the weight-gradient GEMM accumulating straight into the fp32
+    # main gradient (TE linears, or apex's fused_weight_gradient_mlp_cuda for local ones), SwiGLU
+    # fused with its bias, RoPE applied by TE's kernel (1-D RoPE only), the MoE token permutation
+    # by TE's kernel, and the cross-entropy fused over the vocabulary shards (TE's where TE is
+    # installed, else megatron's own), which never holds the logits in fp32 whole.
+    gradient_accumulation_fusion: Optional[bool] = None
+    bias_activation_fusion: Optional[bool] = None
+    rope_fusion: Optional[bool] = None
+    moe_permute_fusion: Optional[bool] = None
+    cross_entropy_fusion: Optional[bool] = None
     # Activation recompute, per tower: full drops a layer's activations after its forward and
     # recomputes them in the backward (megavl/models/recompute.py); none keeps them.
     recompute_lm: Recompute = "none"

@@ -8,6 +8,7 @@ from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavl.config import Config, lm_head_dim
+from megavl.platform import perf
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -34,7 +35,9 @@ def _common(config: Config, fused_kernels: bool) -> dict:
         perform_initialization=True,
         init_method_std=config.train.init_std,
         attention_dropout=0.0,
-        # Fused kernels are CUDA-only (apex/TE/jit); on CPU the plain ops run.
+        # Fused kernels are CUDA-only (apex/TE/jit); on CPU the plain ops run. The ones with a
+        # perf switch are set by megavl/platform/perf.py. The masked softmax is not megavl's
+        # (its core attention is SDPA or FlexAttention).
         bias_activation_fusion=False,
         bias_dropout_fusion=fused_kernels,
         masked_softmax_fusion=False,
@@ -48,8 +51,10 @@ def _common(config: Config, fused_kernels: bool) -> dict:
 def lm_transformer_config(config: Config, fused_kernels: bool = False) -> TransformerConfig:
     lm, p = config.model.lm, config.parallel
     first_stage = p.first_stage_lm_layers if p.pipeline > 1 else None
+    fields = _common(config, fused_kernels)
+    fields.update(perf.transformer_fields(config, "lm"))  # the fused kernels perf turns on
     return TransformerConfig(
-        **_common(config, fused_kernels),
+        **fields,
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
         num_attention_heads=lm.num_attention_heads,
@@ -93,7 +98,6 @@ def _moe_fields(config: Config) -> dict:
         # Dropless: every token reaches its top-k experts, however unbalanced.
         moe_expert_capacity_factor=None,
         moe_grouped_gemm=False,
-        moe_permute_fusion=False,
         moe_router_dtype="fp32",
         expert_tensor_parallel_size=config.parallel.expert_tensor,
     )
@@ -158,7 +162,8 @@ def _vision_stage_config(config: Config, fused_kernels: bool, layers: int, hidde
                          ffn: int) -> TransformerConfig:
     v = config.model.vision
     fields = _common(config, fused_kernels)
-    fields.update(normalization=_VISION_NORMALIZATION[v.norm], **_VISION_MLP[v.mlp], **fp8_fields(config, "vision"))
+    fields.update(normalization=_VISION_NORMALIZATION[v.norm], **_VISION_MLP[v.mlp], **fp8_fields(config, "vision"),
+                  **perf.transformer_fields(config, "vision"))
     return TransformerConfig(
         **fields,
         num_layers=layers,

@@ -99,11 +99,126 @@ def perf_plan(config: Config, data_parallel: int, platform: Optional[Platform] =
     lines = ["performance switches (perf):"]
     for name, switch in (("overlap_grad_reduce", overlap_grad_reduce(config, data_parallel, platform)),
                          ("overlap_param_gather", overlap_param_gather(config, data_parallel, platform))):
-        lines.append(f"  {name:<22} {'on' if switch.on else 'off':<4} {switch.why}")
+        lines.append(f"  {name:<28} {'on' if switch.on else 'off':<4} {switch.why}")
+    for name, switch in fusions(config, platform).items():
+        lines.append(f"  {name:<28} {'on' if switch.on else 'off':<4} {switch.why}")
     p = config.perf
-    lines.append(f"  {'bucket_size':<22} {p.bucket_size if p.bucket_size else 'max(40M, 1M x DP) parameters (megatron)'}")
+    lines.append(f"  {'bucket_size':<28} {p.bucket_size if p.bucket_size else 'max(40M, 1M x DP) parameters (megatron)'}")
     lm_layers = "every LM layer" if p.recompute_lm_layers is None else f"the first {p.recompute_lm_layers} LM layers of each stage"
-    lines.append(f"  {'recompute_lm':<22} {p.recompute_lm:<4} " + (lm_layers if p.recompute_lm == "full" else "activations kept"))
-    lines.append(f"  {'recompute_vision':<22} {p.recompute_vision:<4} "
+    lines.append(f"  {'recompute_lm':<28} {p.recompute_lm:<4} " + (lm_layers if p.recompute_lm == "full" else "activations kept"))
+    lines.append(f"  {'recompute_vision':<28} {p.recompute_vision:<4} "
                  + ("every vision layer" if p.recompute_vision == "full" else "activations kept"))
     return "\n".join(lines)
+
+
+# -- fused kernels ----------------------------------------------------------
+
+def _apex_wgrad_kernel() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fusion(config: Config, name: str, runs: Optional[str], helps: bool = True) -> Switch:
+    """A fused kernel's switch: runs is None when this machine and config can run it, else why not."""
+    asked = getattr(config.perf, name)
+    if asked is not None:
+        return Switch(asked, f"perf.{name} = {str(asked).lower()}")
+    if runs is not None:
+        return Switch(False, f"auto: off, {runs}")
+    return Switch(helps, "auto: on" if helps else "auto: off")
+
+
+def _layers(config: Config, platform: Platform) -> str:
+    from megavl.platform.features import layer_backend_for
+
+    return layer_backend_for(config, platform)[0]
+
+
+def fusion_blockers(config: Config, platform: Optional[Platform] = None,
+                    asked: bool = False) -> dict[str, Optional[str]]:
+    """For each fused kernel, why this machine and config cannot run it (None: it can); asked:
+    why it cannot run when asked for (true), where auto is more careful (the CPU)."""
+    platform = platform or detect()
+    lm = config.model.lm
+    no_gpu = None if platform.cuda else "it needs a CUDA GPU"
+    te = None if platform.transformer_engine else "it needs Transformer Engine, which is not installed (or not usable)"
+    layers = _layers(config, platform)
+    if no_gpu:
+        wgrad = no_gpu
+    elif layers == "te" or _apex_wgrad_kernel():
+        wgrad = None
+    else:
+        wgrad = ("the model's local linears need apex's fused_weight_gradient_mlp_cuda, which is not installed "
+                 "(Transformer Engine layers have their own)")
+    rope = no_gpu or te or (None if lm.rope == "1d" else
+                            f"model.lm.rope = {lm.rope}: TE's fused RoPE takes one position table for the whole "
+                            "batch, multimodal RoPE has one per row")
+    permute = no_gpu or te or (None if lm.moe.num_experts else "the LM has no experts")
+    # Transformer Engine's fused cross-entropy, or megatron's own (torch.compile'd, so it runs on
+    # the CPU too), which returns the logits' gradient in bf16 whatever the training dtype.
+    cross_entropy = None if (platform.transformer_engine or config.train.dtype == "bf16") else (
+        f"megatron's own fused cross-entropy (Transformer Engine's is not installed) returns the logits' "
+        f"gradient in bf16, and train.dtype = {config.train.dtype}")
+    return {
+        "gradient_accumulation_fusion": wgrad,
+        "bias_activation_fusion": no_gpu,
+        "rope_fusion": rope,
+        "moe_permute_fusion": permute,
+        "cross_entropy_fusion": cross_entropy if asked else (no_gpu or cross_entropy),
+    }
+
+
+def fusions(config: Config, platform: Optional[Platform] = None) -> dict[str, Switch]:
+    return {name: _fusion(config, name, why) for name, why in fusion_blockers(config, platform).items()}
+
+
+def fusion_platform_problems(config: Config, platform: Optional[Platform] = None) -> list[str]:
+    """The fused kernels asked for (true) that this machine or config cannot run."""
+    problems = []
+    for name, why in fusion_blockers(config, platform, asked=True).items():
+        if getattr(config.perf, name) and why is not None:
+            problems.append(f"perf.{name} = true: {why}; set it to null (auto) or false")
+    return problems
+
+
+def check_perf_platform(config: Config, platform: Optional[Platform] = None) -> None:
+    """Stops a run that asks for a fused kernel this machine cannot run, before anything is built."""
+    from megavl.config import ConfigError
+
+    problems = fusion_platform_problems(config, platform)
+    if problems:
+        raise ConfigError("the perf settings cannot run here:\n  - " + "\n  - ".join(problems))
+
+
+def transformer_fields(config: Config, tower: str, platform: Optional[Platform] = None) -> dict:
+    """megatron TransformerConfig fields of the fused kernels, for the "lm" or the "vision" config."""
+    on = {name: switch.on for name, switch in fusions(config, platform).items()}
+    platform = platform or detect()
+    fields = dict(gradient_accumulation_fusion=on["gradient_accumulation_fusion"])
+    if tower == "lm":
+        fields.update(
+            # megatron fuses the bias with SwiGLU (the LM's MLPs are gated SiLU).
+            bias_activation_fusion=on["bias_activation_fusion"],
+            apply_rope_fusion=on["rope_fusion"],
+            cross_entropy_loss_fusion=on["cross_entropy_fusion"],
+            cross_entropy_fusion_impl="te" if platform.transformer_engine else "native",
+        )
+        if config.model.lm.moe.num_experts:
+            fields["moe_permute_fusion"] = on["moe_permute_fusion"]
+    return fields
+
+
+def cuda_connection_setting(config: Config, environ: dict) -> Optional[str]:
+    """The CUDA_DEVICE_MAX_CONNECTIONS value the trainer sets before CUDA starts, or None.
+
+    With tensor (or context) parallelism megatron wants one hardware queue per device, so that
+    each layer's collective starts in the order it was issued and overlaps the GEMMs that follow
+    instead of waiting behind them. A value the user set is kept.
+    """
+    p = config.parallel
+    if "CUDA_DEVICE_MAX_CONNECTIONS" in environ or (p.tensor == 1 and p.context == 1):
+        return None
+    return "1"
