@@ -2,8 +2,11 @@
 
 Each switch is null (auto), true or false. Auto turns a switch on where it helps and this
 machine and layout can run it; true asks for it, and a machine or layout that cannot run it
-stops the run before start-up (``check_perf_platform``); false turns it off. ``perf_plan``
-says what was decided, for the dry run and the start-up log.
+stops the run before start-up (``check_perf_platform``, or validate() where the config alone
+rules it out); false turns it off. ``perf_plan`` says what was decided, for the dry run and the
+start-up log. The switches: megatron's overlapped gradient reduce and parameter gather (with
+the bucket size), its fused kernels (``transformer_fields``), megavl's activation recompute
+(models/recompute.py), and CUDA_DEVICE_MAX_CONNECTIONS.
 
 What the CPU runs: the overlapped gradient reduce and parameter all-gather are megatron's
 asynchronous collectives, which gloo runs too (so the CPU tests can check them); auto turns
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megavl.config import Config, lm_layers_per_stage
-from megavl.platform.features import Platform, detect
+from megavl.platform.features import Platform, detect, layer_backend_for
 
 
 @dataclass(frozen=True)
@@ -121,20 +124,14 @@ def _apex_wgrad_kernel() -> bool:
     return True
 
 
-def _fusion(config: Config, name: str, runs: Optional[str], helps: bool = True) -> Switch:
-    """A fused kernel's switch: runs is None when this machine and config can run it, else why not."""
+def _fusion(config: Config, name: str, blocker: Optional[str]) -> Switch:
+    """A fused kernel's switch; blocker: why this machine and config cannot run it, or None."""
     asked = getattr(config.perf, name)
     if asked is not None:
         return Switch(asked, f"perf.{name} = {str(asked).lower()}")
-    if runs is not None:
-        return Switch(False, f"auto: off, {runs}")
-    return Switch(helps, "auto: on" if helps else "auto: off")
-
-
-def _layers(config: Config, platform: Platform) -> str:
-    from megavl.platform.features import layer_backend_for
-
-    return layer_backend_for(config, platform)[0]
+    if blocker is not None:
+        return Switch(False, f"auto: off, {blocker}")
+    return Switch(True, "auto: on")
 
 
 def fusion_blockers(config: Config, platform: Optional[Platform] = None,
@@ -145,7 +142,7 @@ def fusion_blockers(config: Config, platform: Optional[Platform] = None,
     lm = config.model.lm
     no_gpu = None if platform.cuda else "it needs a CUDA GPU"
     te = None if platform.transformer_engine else "it needs Transformer Engine, which is not installed (or not usable)"
-    layers = _layers(config, platform)
+    layers = layer_backend_for(config, platform)[0]
     if no_gpu:
         wgrad = no_gpu
     elif layers == "te" or _apex_wgrad_kernel():
