@@ -28,6 +28,9 @@ class Mutation:
 _RANDOMNESS_RESUME = ("tests/test_preemption.py::"
                       "test_wall_time_stop_with_randomness_in_play_exits_75_and_the_same_command_resumes_exactly")
 
+_GRADIENT_CONTRACT = ("tests/test_model_contract.py::"
+                      "test_every_trained_parameter_gets_a_gradient_read_in_its_own_modules_forward")
+
 MUTATIONS = [
     # -- attention mask ---------------------------------------------------------------
     Mutation(
@@ -307,5 +310,39 @@ MUTATIONS = [
         new="    if data_world > 2:\n        scores, skipped = _reduced(scores, skipped, group)",
         tests=("tests/test_trainer.py::test_moe_with_expert_parallelism_learns_and_reports_router_metrics",),
         bug="task accuracy during training reports rank 0's share only, not every data-parallel rank's",
+    ),
+    # -- performance switches (perf) ----------------------------------------------------
+    Mutation(
+        name="text-only-microbatch-skips-the-tower",
+        file="megavl/models/vlm.py",
+        old="        elif self._tower_trains():\n            hidden = hidden + self._blank_image_term(hidden)\n",
+        new="",
+        tests=(_GRADIENT_CONTRACT,),
+        bug="a microbatch without images leaves the tower out, so an overlapped reduce waits forever for its buckets",
+    ),
+    Mutation(
+        name="patch-weight-read-outside-its-module",
+        file="megavl/models/vision.py",
+        old="        return self.proj(pixel_values)\n",
+        new="        weight = self.proj.weight\n"
+            "        return F.linear(pixel_values.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.proj.bias)\n",
+        tests=(_GRADIENT_CONTRACT,),
+        bug="the patch embedding's weight is read outside its module's forward: the parameter gather leaves it stale",
+    ),
+    Mutation(
+        name="step-loss-read-per-microbatch",
+        file="megavl/training/step.py",
+        old='        total += item["lm loss"].to(device, torch.float64)\n',
+        new='        total += item["lm loss"].to(torch.float64).cpu().to(device)\n',
+        tests=("tests/test_host_syncs.py",),
+        bug="the step's loss is copied to the host once per microbatch, a device sync each",
+    ),
+    Mutation(
+        name="recompute-records-router-statistics-twice",
+        file="megavl/models/recompute.py",
+        old="                with _side_effects_recorded_once():\n",
+        new="                with contextlib.nullcontext():\n",
+        tests=("tests/test_recompute.py",),
+        bug="a recomputed layer records its router statistics and aux losses again in the backward",
     ),
 ]
