@@ -22,6 +22,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+# The exit status of a configuration that cannot run (the message names every problem).
+EXIT_INVALID_CONFIG = 2
+
 # megatron-core calls these collectives by their older names every step; the
 # deprecation is torch's business with megatron, not something a user can act on.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
@@ -365,22 +368,26 @@ def _data_parallel_group():
 
 
 def main() -> None:
-    from megavl.config import config_from_args
+    from megavl.config import ConfigError, config_from_args
     from megavl.platform.distributed import world_size_from_env
 
     args = parse_args()
-    config = config_from_args(args)
-    if args.dry_run:
-        dry_run(config, args.world_size or world_size_from_env())
-    else:
-        from megavl.platform.perf import cuda_connection_setting
+    try:
+        config = config_from_args(args)
+        if args.dry_run:
+            dry_run(config, args.world_size or world_size_from_env())
+            return
+    except ConfigError as e:
+        # Every problem is in the message, each naming its field; a traceback would only bury it.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_INVALID_CONFIG)
+    from megavl.platform.perf import cuda_connection_setting
 
-        # Read when CUDA starts, so set before anything touches the GPU.
-        connections = cuda_connection_setting(config, os.environ)
-        if connections is not None:
-            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = connections
-        train(config)
-
+    # Read when CUDA starts, so set before anything touches the GPU.
+    connections = cuda_connection_setting(config, os.environ)
+    if connections is not None:
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = connections
+    train(config)
 
 if __name__ == "__main__":
     main()

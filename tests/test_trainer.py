@@ -140,6 +140,16 @@ def test_dry_run_prints_layout_and_parameter_counts():
     assert "parameters           total" in result.stdout
 
 
+def test_dry_run_of_a_bad_config_names_every_problem_without_a_traceback():
+    command = [sys.executable, str(ROOT / "pretrain_vlm.py"), "--config", str(TINY_CONFIG), "--dry-run",
+               "--set", "perf.bucket_size=0", "perf.recompute_lm_layers=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: invalid configuration for world size 1 (2 problems)"), result.stderr
+    assert "perf.bucket_size = 0" in result.stderr and "perf.recompute_lm_layers = 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("tower, extra", [
     ("siglip", []),
     ("clip", []),
