@@ -378,10 +378,13 @@ def load_checkpoint(
         buckets_only = {k: v for k, v in saved_form.items() if k != "gradient_buckets"} == {
             k: v for k, v in form.items() if k != "gradient_buckets"}
         if buckets_only:
-            log.warning("checkpoint %s holds distributed-optimizer state saved in other gradient buckets "
-                        "(parameters per bucket %s, this run's %s; perf.overlap_grad_reduce and perf.bucket_size "
-                        "decide them): this run's optimizer starts fresh; resume with that run's perf settings "
-                        "to keep it", folder, saved_form["gradient_buckets"], form["gradient_buckets"])
+            # Another TP/PP split also gives other buckets; the layout's warning above says so.
+            if same_model_split:
+                log.warning("checkpoint %s holds distributed-optimizer state saved in other gradient buckets "
+                            "(parameters per bucket %s, this run's %s; perf.overlap_grad_reduce and perf.bucket_size "
+                            "decide them, and megatron's default bucket size grows with DP above 40): this run's "
+                            "optimizer starts fresh; resume with that run's perf settings to keep it",
+                            folder, saved_form["gradient_buckets"], form["gradient_buckets"])
         else:
             log.warning("checkpoint %s holds optimizer state of the form %s, this run's is %s: "
                         "this run's optimizer starts fresh", folder, saved_form, form)
