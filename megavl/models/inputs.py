@@ -70,9 +70,10 @@ def to_device(batch: Microbatch, config: Config, device: torch.device) -> Microb
     """Moves a microbatch to the device (all but HOST_FIELDS) and shapes position ids for the configured RoPE.
 
     The checks that read values (ids against their sentinels, image-pad tokens against the
-    images) run here on the host copies, so that on an accelerator the forward reads none back.
+    images) run here on the host copies when the batch moves to an accelerator, so that the
+    forward reads none back; on the CPU the mask and the model run them (once).
     """
-    if batch["tokens"].device.type == "cpu":
+    if device.type != "cpu" and batch["tokens"].device.type == "cpu":
         check_id_values(batch["document_ids"], batch["image_ids"], batch["turn_ids"])
         check_image_tokens(batch["tokens"], batch["image_grid_thw"], config.model.lm.image_token_id,
                            config.model.vision.spatial_merge_size)
